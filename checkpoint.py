@@ -1,0 +1,143 @@
+"""Find and read a ModernBERT checkpoint: a Hugging Face hub id or a local folder.
+
+Reads `config.json`, the `.safetensors` weights (single file or sharded) and, for
+sentence-transformers folders, `modules.json` to find the transformer inside. Knows file
+layouts, not model structure: mapping weights onto modules is `model.py`'s job.
+"""
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from user_errors import UserError
+
+DEFAULT_MODEL = "answerdotai/ModernBERT-base"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a conversion needs from a hub repository; everything else (ONNX exports, pickles...) is skipped.
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "2_Dense/*", "3_Normalize/*"]
+SENTENCE_TRANSFORMERS_TRANSFORMER = "sentence_transformers.models.Transformer"
+
+
+class CheckpointError(UserError):
+    """The checkpoint cannot be found, read or understood."""
+
+
+@dataclass
+class Checkpoint:
+    source: str                 # what the user named: a hub id or a folder
+    root: Path                  # the folder (for sentence-transformers: the one with modules.json)
+    path: Path                  # the folder holding the transformer's config.json and weights
+    config: dict                # config.json, parsed
+    revision: str | None = None  # hub commit, when downloaded
+    modules: list = field(default_factory=list)  # sentence-transformers modules.json entries, [] otherwise
+
+    @property
+    def is_sentence_transformers(self) -> bool:
+        return bool(self.modules)
+
+
+def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Checkpoint:
+    """A local folder as is, or a hub id downloaded (or taken from the local hub cache)."""
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"{name_or_path} is a file; expected a checkpoint folder (with config.json)")
+        root, commit = local.resolve(), None
+    elif _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/", "~")):
+        root, commit = _download(name_or_path, revision)
+    else:
+        raise CheckpointError(f"no such checkpoint folder: {name_or_path}")
+    modules = _read_modules(root)
+    path = _transformer_folder(root, modules)
+    return Checkpoint(source=name_or_path, root=root, path=path, config=read_config(path),
+                      revision=commit, modules=modules)
+
+
+def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
+    try:
+        from huggingface_hub import snapshot_download
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES)
+    except Exception as e:  # offline, unreachable, unknown repo, gated...: all end the same way for the user
+        reason = "the hub is offline or unreachable" if _looks_offline(e) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"cannot download '{repo_id}' from the Hugging Face hub ({reason}); "
+                              f"pass a local checkpoint folder instead") from e
+    folder = Path(folder)
+    return folder, folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
+
+
+def _looks_offline(e: Exception) -> bool:
+    text = f"{type(e).__name__} {e}".lower()
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or any(
+        w in text for w in ("offline", "connect", "resolve", "network", "timed out", "localentrynotfound"))
+
+
+def _read_modules(root: Path) -> list:
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        return []
+    modules = _read_json(modules_file)
+    if not isinstance(modules, list):
+        raise CheckpointError(f"{modules_file} is not a sentence-transformers modules list")
+    return modules
+
+
+def _transformer_folder(root: Path, modules: list) -> Path:
+    if not modules:
+        return root
+    for module in modules:
+        if module.get("type") == SENTENCE_TRANSFORMERS_TRANSFORMER:
+            return root / module.get("path", "")
+    raise CheckpointError(f"{root / 'modules.json'} has no {SENTENCE_TRANSFORMERS_TRANSFORMER} module")
+
+
+def read_config(folder: Path) -> dict:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder} has no config.json; is it a checkpoint folder?")
+    config = _read_json(config_file)
+    model_type = config.get("model_type")
+    if model_type != "modernbert":
+        raise CheckpointError(f"{config_file} describes a '{model_type}' model; only 'modernbert' is supported")
+    return config
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, in shard order."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names missing shard(s): {', '.join(missing)}")
+        return [folder / s for s in shards]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(folder.glob("*.safetensors"))
+    if others:
+        return others
+    if (folder / "pytorch_model.bin").exists():
+        raise CheckpointError(f"{folder} has only pickle weights (pytorch_model.bin); "
+                              f"save the checkpoint as safetensors (model.save_pretrained(..., safe_serialization=True))")
+    raise CheckpointError(f"{folder} has no .safetensors weights")
+
+
+def load_state_dict(folder: Path) -> dict:
+    """All tensors of the checkpoint's safetensors files, by their stored names."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    tensors = {}
+    for file in weight_files(folder):
+        try:
+            tensors.update(load_file(str(file)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read weights from {file} (truncated or damaged?): {e}") from e
+    return tensors

@@ -1,0 +1,214 @@
+"""What the accuracy reports share: the evaluation texts, the transformers reference, the metrics,
+and the tables. Used by diff_torch.py and diff_coreml.py (and, for texts, by the tests)."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkpoint import Checkpoint, CheckpointError
+from user_errors import UserError
+
+# Short sentences and passages longer than the 128-token local window of the released checkpoints,
+# so both the global and the sliding-window layers, and padding in a batch, are exercised.
+EVAL_TEXTS = [
+    "The capital of France is [MASK].",
+    "Paris is the capital and largest city of France.",
+    "She poured the coffee, opened the window and sat down to read the morning paper.",
+    "A neural network learns its weights from data by gradient descent.",
+    "The meeting was moved to Thursday because half of the team was travelling.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    ("The river rises in the hills north of the town and runs south through farmland for most of its length. "
+     "In the spring the snow melts quickly and the water climbs over its banks, flooding the low fields beside "
+     "the old mill. Farmers learned long ago to plant late in those fields, after the water has gone down, and "
+     "to keep their animals on the higher ground until the end of April. The mill itself was built more than "
+     "two hundred years ago and ground wheat and barley for the villages around it until the railway arrived. "
+     "After that, grain was sent by train to the large mills in the city, and the wheel stopped turning. "
+     "Today the building is a small museum, and on Sundays volunteers open the sluice gate so that visitors can "
+     "watch the wheel move again. Children are allowed to pour a handful of grain into the hopper and see it "
+     "come out as flour, which they take home in paper bags printed with a drawing of the mill. The museum also "
+     "keeps the account books of the last miller, who wrote down every sack that passed through his hands, the "
+     "name of the farmer who brought it and the price he was paid, in a neat hand that is still easy to read."),
+    ("Modern computers store numbers in a fixed number of bits, and every format trades range against "
+     "precision. A sixteen bit floating point number has five bits of exponent and ten bits of fraction, so it "
+     "can represent values up to about sixty five thousand with roughly three decimal digits of precision. That "
+     "is enough for many of the values a neural network computes, such as the output of a normalisation layer "
+     "or the probabilities of a softmax, but it is not enough for every intermediate result. When a model "
+     "produces a few very large activations, squaring them to compute a variance overflows the format and the "
+     "result becomes infinite. Small updates added to a large value are also lost, because the spacing between "
+     "neighbouring representable numbers grows with their size. Engineers who move models to such hardware "
+     "therefore study where large values appear, rewrite the operations that are sensitive to them, and check "
+     "the converted model against the original on real text before they ship it. A careful comparison reports "
+     "how far the predicted distributions moved, how often the most likely token changed, and which layer "
+     "first produced a value that the format could not hold."),
+    ("The library opened at nine, but the queue began to form long before that. Students with laptops under "
+     "their arms, retired teachers with shopping bags full of returned novels, and a few tourists who had read "
+     "about the painted ceiling waited on the steps in the cold. When the doors finally opened, everyone went "
+     "in different directions: the students to the quiet reading room on the second floor, the teachers to the "
+     "returns desk, and the tourists straight to the centre of the main hall, where they tipped their heads "
+     "back and looked up at the ceiling for a long time without saying anything. The painting shows the four "
+     "seasons as four women walking around the edge of a garden, each carrying something different: flowers, "
+     "a sheaf of wheat, a basket of apples and a lantern. The artist worked on it for three years, lying on his "
+     "back on a wooden platform, and according to the guide he fell off twice."),
+]
+
+
+def load_tokenizer(ckpt: Checkpoint, tokenizer_name: str | None = None):
+    """The checkpoint's own tokenizer (or another by name/folder), with the special tokens ModernBERT needs."""
+    from transformers import AutoTokenizer
+    source = tokenizer_name or str(ckpt.root)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise CheckpointError(f"cannot load a tokenizer from {source}: {type(e).__name__}: {e}") from e
+    missing = [t for t in ("cls_token", "sep_token", "pad_token") if getattr(tokenizer, t, None) is None]
+    if missing:
+        raise CheckpointError(f"the tokenizer from {source} has no {', '.join(missing)}")
+    return tokenizer
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, pad_to: int | None = None):
+    """(input_ids, attention_mask), int64 (B, S): padded to the longest text, or to `pad_to`, truncated to max_length."""
+    enc = tokenizer(list(texts), padding="max_length" if pad_to else "longest", truncation=True,
+                    max_length=pad_to or max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def reference_model(ckpt: Checkpoint, task: str):
+    """transformers' own ModernBERT for the same checkpoint and task, float32, eager attention."""
+    import transformers
+    classes = {"fill-mask": "ModernBertForMaskedLM", "encoder": "ModernBertModel",
+               "classify": "ModernBertForSequenceClassification",
+               "token-classify": "ModernBertForTokenClassification"}
+    cls = getattr(transformers, classes[task])
+    try:
+        model = cls.from_pretrained(str(ckpt.path), attn_implementation="eager", dtype=torch.float32)
+    except Exception as e:
+        raise CheckpointError(f"transformers cannot load {ckpt.path} as {classes[task]}: {e}") from e
+    return model.eval()
+
+
+def reference_outputs(ref, task: str, input_ids, attention_mask) -> dict:
+    """The reference's task output and its intermediates, all as float32 (B, S, C) arrays:
+    'embeddings', 'layers.i', 'encoder' (final norm output), 'output' (the task output)."""
+    base = ref if task == "encoder" else ref.model
+    captured = {}
+    hooks = [base.embeddings.register_forward_hook(lambda m, i, o: captured.__setitem__("embeddings", o)),
+             base.final_norm.register_forward_hook(lambda m, i, o: captured.__setitem__("encoder", o))]
+    for idx, layer in enumerate(base.layers):
+        hooks.append(layer.register_forward_hook(
+            lambda m, i, o, idx=idx: captured.__setitem__(f"layers.{idx}", o[0] if isinstance(o, tuple) else o)))
+    try:
+        with torch.no_grad():
+            out = ref(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    captured["output"] = out.last_hidden_state if task == "encoder" else out.logits
+    return {k: v.detach().float().numpy() for k, v in captured.items()}
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def distribution_metrics(ref_logits: np.ndarray, logits: np.ndarray) -> dict:
+    """KL(reference || ours) in nats per row, and top-1/top-5 agreement, over rows (N, V).
+    top5_agreement is the mean overlap of the two top-5 sets (1.0: same five tokens)."""
+    finite = np.isfinite(logits).all(axis=-1)
+    lp_ref, lp = _log_softmax(ref_logits), _log_softmax(np.where(np.isfinite(logits), logits, 0.0))
+    kl = (np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1)
+    kl = np.where(finite, kl, np.inf)                          # a row with a non-finite logit is infinitely wrong
+    k = min(5, ref_logits.shape[-1])
+    top_ref, top = np.argsort(-ref_logits, axis=-1)[:, :k], np.argsort(-logits, axis=-1)[:, :k]
+    overlap = np.array([len(set(a) & set(b)) / k for a, b in zip(top_ref, top)])
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "top1_agreement": float(((top_ref[:, 0] == top[:, 0]) & finite).mean()),
+            "top5_agreement": float(np.where(finite, overlap, 0.0).mean())}
+
+
+def cosine_metrics(ref: np.ndarray, ours: np.ndarray) -> dict:
+    """Cosine similarity per row (N, C)."""
+    ref, ours = ref.astype(np.float64), np.nan_to_num(ours.astype(np.float64), posinf=0.0, neginf=0.0)
+    cos = (ref * ours).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(ours, axis=-1) + 1e-30)
+    return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())}
+
+
+def output_metrics(task: str, ref: np.ndarray, ours: np.ndarray, attention_mask: np.ndarray) -> dict:
+    """The final metrics for a task output, over non-padding tokens (or per text for classify)."""
+    if task == "classify":
+        rows_ref, rows = ref, ours
+    else:
+        valid = attention_mask.astype(bool)
+        rows_ref, rows = ref[valid], ours[valid]
+    metrics = {"max_abs_diff": float(np.nan_to_num(np.abs(rows - rows_ref), nan=np.inf).max()),
+               "nonfinite": int((~np.isfinite(ours)).sum())}
+    if task == "encoder":
+        metrics.update(cosine_metrics(rows_ref, rows))
+    else:
+        metrics.update(distribution_metrics(rows_ref, rows))
+    return metrics
+
+
+def compare_rows(name: str, ref: np.ndarray, ours: np.ndarray, attention_mask: np.ndarray) -> dict:
+    """One line of the per-module table: differences over non-padding tokens of (B, S, C) arrays."""
+    valid = attention_mask.astype(bool)
+    r, o = ref[valid].astype(np.float64), ours[valid].astype(np.float64)
+    diff = np.nan_to_num(np.abs(o - r), nan=np.inf)
+    scale = np.abs(r).max() or 1.0
+    return {"module": name, "max_abs_diff": float(diff.max()), "rel_diff": float(diff.max() / scale),
+            "cosine_min": cosine_metrics(r, o)["cosine_min"], "max_abs_ref": float(np.abs(r).max()),
+            "max_abs": float(np.nan_to_num(np.abs(o), nan=np.inf).max())}
+
+
+def overflow_metrics(probe) -> dict:
+    """float16 overflow counts from a model.ActivationProbe."""
+    return {"overflow_count": int(probe.overflow_count), "first_overflow": probe.first_overflow}
+
+
+# ----------------------------------------------------------------------------- reports
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3e}" if (v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5)) else f"{v:.4f}"
+        return str(v)
+    cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def format_metrics(metrics: dict) -> str:
+    keys = [k for k in ("kl_mean", "kl_max", "top1_agreement", "top5_agreement", "cosine_min", "cosine_mean",
+                        "max_abs_diff", "nonfinite", "overflow_count", "first_overflow") if k in metrics]
+    return "\n".join(f"  {k:<15} {metrics[k]}" for k in keys)
+
+
+def check_output_path(path: str | None, force: bool) -> None:
+    """Refuse to overwrite an existing file without --force (checked before any slow work)."""
+    if path and Path(path).exists() and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it")
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write atomically: a temporary file beside the target, renamed over it."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {target.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True, allow_nan=True)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

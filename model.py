@@ -1,0 +1,503 @@
+"""ModernBERT, reimplemented in the layout the Apple Neural Engine wants.
+
+Follows Apple's ml-ane-transformers recipe:
+- tensors are channels-first `(B, C, 1, S)`: the ANE's native 4D layout, last axis contiguous;
+- every linear is a 1x1 `Conv2d`: the op the ANE runs fastest, and no reshapes around it;
+- attention is split per head with einsum: avoids rank-5 tensors, which break ANE compilation;
+- masks are additive with a finite fill (-1e4): `finfo.min` becomes -inf in float16 and NaN-fills
+  fully masked rows;
+- norms reduce over the channel axis and are written so coremltools emits a single op (LayerNorm)
+  or so no step can overflow float16 (RMSNorm, used once `rotations/` has folded the weights).
+
+Numerics otherwise follow transformers' `modernbert` implementation exactly (float32 parity ~1e-6).
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from checkpoint import Checkpoint, CheckpointError, load_state_dict, resolve_checkpoint
+
+MASK_FILL = -1e4            # float16-safe "minus infinity": exp(-1e4) == 0, and -2e4 (two masks added) is finite
+FLOAT16_MAX = 65504.0
+TASKS = ("fill-mask", "encoder", "classify", "token-classify")
+ARCHITECTURE_TASKS = {
+    "ModernBertForMaskedLM": "fill-mask",
+    "ModernBertModel": "encoder",
+    "ModernBertForSequenceClassification": "classify",
+    "ModernBertForTokenClassification": "token-classify",
+}
+
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class ModernBertConfig:
+    vocab_size: int = 50368
+    hidden_size: int = 768
+    intermediate_size: int = 1152
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 12
+    hidden_activation: str = "gelu"
+    max_position_embeddings: int = 8192
+    norm_eps: float = 1e-5
+    norm_bias: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    layer_types: tuple = ()              # per layer: "full_attention" (global) or "sliding_attention" (local)
+    global_rope_theta: float = 160000.0
+    local_rope_theta: float = 10000.0
+    local_attention: int = 128           # total window: a local token sees neighbours with |i - j| <= 64
+    decoder_bias: bool = True
+    classifier_pooling: str = "cls"
+    classifier_bias: bool = False
+    classifier_activation: str = "gelu"
+    num_labels: int = 2
+    pad_token_id: int = 50283
+    cls_token_id: int = 50281
+    sep_token_id: int = 50282
+    mask_token_id: int | None = None     # not in config.json; set from the tokenizer when known
+    architectures: tuple = ()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def window_radius(self) -> int:
+        return self.local_attention // 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModernBertConfig":
+        """Read a checkpoint's config.json, in either format transformers has written."""
+        if d.get("model_type") != "modernbert":
+            raise CheckpointError(f"config describes a '{d.get('model_type')}' model; only 'modernbert' is supported")
+        known = {f.name for f in fields(cls)} - {"layer_types", "global_rope_theta", "local_rope_theta",
+                                                 "architectures", "num_labels"}
+        kw = {k: d[k] for k in known if d.get(k) is not None}
+        n = int(d.get("num_hidden_layers", cls.num_hidden_layers))
+        if d.get("layer_types"):             # recent transformers: the attention kind of every layer
+            layer_types = tuple(d["layer_types"])
+        else:                                # released checkpoints: every n-th layer (layer 0 included) is global
+            every = int(d.get("global_attn_every_n_layers", 3))
+            layer_types = tuple("sliding_attention" if i % every else "full_attention" for i in range(n))
+        bad = set(layer_types) - {"full_attention", "sliding_attention"}
+        if len(layer_types) != n or bad:
+            raise CheckpointError(f"config layer_types must name {n} layers as full_attention/sliding_attention")
+        kw["layer_types"] = layer_types
+        rope = d.get("rope_parameters") or {}
+        for kind, key in (("full_attention", "global_rope_theta"), ("sliding_attention", "local_rope_theta")):
+            params = rope.get(kind) or {}
+            if params.get("rope_type", "default") != "default" or d.get("rope_scaling"):
+                raise CheckpointError(f"rope scaling ({params.get('rope_type') or d.get('rope_scaling')}) "
+                                      f"is not supported")
+            theta = params.get("rope_theta", d.get(key))
+            if theta is not None:
+                kw[key] = float(theta)
+        kw["architectures"] = tuple(d.get("architectures") or ())
+        if d.get("id2label"):
+            kw["num_labels"] = len(d["id2label"])
+        elif d.get("num_labels"):
+            kw["num_labels"] = int(d["num_labels"])
+        config = cls(**kw)
+        if config.hidden_size % config.num_attention_heads or config.head_dim % 2:
+            raise CheckpointError(f"hidden_size {config.hidden_size} does not split into "
+                                  f"{config.num_attention_heads} heads of even size")
+        for act in (config.hidden_activation, config.classifier_activation):
+            if act not in ACTIVATIONS:
+                raise CheckpointError(f"activation '{act}' is not supported (supported: {', '.join(ACTIVATIONS)})")
+        if config.classifier_pooling not in ("cls", "mean"):
+            raise CheckpointError(f"classifier_pooling '{config.classifier_pooling}' is not cls or mean")
+        return config
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),                                   # exact (erf) GELU, transformers' "gelu"
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+}
+
+
+# -----------------------------------------------------------------------------
+# activation probe: what the float16 diagnostics see of every intermediate tensor
+
+class ActivationProbe:
+    """Records, per named intermediate, the largest absolute value and the count of values that
+    overflow float16 (non-finite, or beyond 65504). Use as a context manager around a forward pass.
+    Inactive (and invisible to tracing) otherwise."""
+    active = None
+
+    def __init__(self):
+        self.max_abs: dict[str, float] = {}
+        self.overflow: dict[str, int] = {}
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        finite = torch.isfinite(x)
+        big = int((~finite).sum()) + int((x[finite].abs() > FLOAT16_MAX).sum())
+        peak = float(x[finite].abs().max()) if bool(finite.any()) else float("inf")
+        self.max_abs[name] = max(self.max_abs.get(name, 0.0), peak if big == 0 else float("inf"))
+        self.overflow[name] = self.overflow.get(name, 0) + big
+
+    @property
+    def overflow_count(self) -> int:
+        return sum(self.overflow.values())
+
+    @property
+    def first_overflow(self) -> str | None:
+        return next((name for name, n in self.overflow.items() if n), None)   # dicts keep execution order
+
+    def __enter__(self):
+        ActivationProbe.active = self
+        return self
+
+    def __exit__(self, *exc):
+        ActivationProbe.active = None
+
+
+def probe(name: str, x: torch.Tensor) -> torch.Tensor:
+    if ActivationProbe.active is not None and not torch.jit.is_tracing():
+        ActivationProbe.active.record(name, x)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# modules
+
+def conv1x1(c_in: int, c_out: int, bias: bool) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel_size=1, bias=bias)   # ANE: a linear as a 1x1 conv on (B, C, 1, S)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the channel axis of (B, C, 1, S)."""
+
+    def __init__(self, channels: int, eps: float, bias: bool, name: str = ""):
+        super().__init__()
+        self.eps, self.name = eps, name
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+
+    def forward(self, x):
+        # written as mean / centre / mean of squares so coremltools fuses it into one layer_norm op
+        zm = x - x.mean(dim=1, keepdim=True)                                  # (B, C, 1, S)
+        square = probe(f"{self.name}.square", zm * zm)                         # float16 overflows here first
+        out = zm * torch.rsqrt(square.mean(dim=1, keepdim=True) + self.eps)   # (B, C, 1, S)
+        out = out * self.weight.view(1, -1, 1, 1)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return probe(self.name, out)
+
+
+class RMSNorm(nn.Module):
+    """Weightless RMSNorm over the channel axis that cannot overflow float16.
+
+    After `rotations/` folds the norm weights into the next conv and centres the residual stream,
+    every LayerNorm becomes x / rms(x). A plain sum or mean of squares overflows float16 once
+    |x| > 256; dividing by max|x| first keeps every square <= 1. Exact in real arithmetic:
+    x / sqrt(mean(x^2) + eps) == (x/m) / sqrt(mean((x/m)^2) + eps/m^2) for any m > 0.
+    """
+
+    def __init__(self, eps: float, name: str = ""):
+        super().__init__()
+        self.eps, self.name = eps, name
+
+    def forward(self, x):
+        m = x.abs().amax(dim=1, keepdim=True).clamp(min=1.0)                 # (B, 1, 1, S); >= 1 so eps/m^2 <= eps
+        xs = x / m                                                             # (B, C, 1, S), |xs| <= 1
+        square = probe(f"{self.name}.square", xs * xs)
+        eps = self.eps / m / m                                                 # two divisions: m*m could overflow
+        out = xs * torch.rsqrt(square.mean(dim=1, keepdim=True) + eps)        # (B, C, 1, S)
+        return probe(self.name, out)
+
+
+def rope_tables(theta: float, head_dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE, (1, 1, D, S), in transformers' layout (frequencies repeated over both halves)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.arange(length, dtype=torch.float32)[None, :] * inv_freq[:, None]   # (D/2, S)
+    angles = torch.cat([angles, angles], dim=0)                                       # (D, S)
+    return angles.cos()[None, None], angles.sin()[None, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    B, C, _, S = x.shape
+    x = x.reshape(B, heads, C // heads, S)            # (B, H, D, S): rank 4, so no rank-5 views on the ANE
+    half = C // heads // 2
+    rotated = torch.cat([-x[:, :, half:], x[:, :, :half]], dim=2)   # transformers' rotate_half, per head
+    return (x * cos + rotated * sin).reshape(B, C, 1, S)            # (B, C, 1, S)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModernBertConfig, layer: int):
+        super().__init__()
+        C = config.hidden_size
+        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.is_global = config.layer_types[layer] == "full_attention"
+        self.Wqkv = conv1x1(C, 3 * C, config.attention_bias)
+        self.Wo = conv1x1(C, C, config.attention_bias)
+        self.query_chunk = None       # set to an int to bound the (S, 1, chunk) score tensors
+        self.name = f"layers.{layer}.attn"
+
+    def forward(self, x, cos, sin, mask_bias):
+        B, C, _, S = x.shape
+        qkv = self.Wqkv(x)                                                     # (B, 3C, 1, S)
+        q, k, v = qkv.split(C, dim=1)                                          # 3 x (B, C, 1, S)
+        q = apply_rope(q * self.head_dim ** -0.5, cos, sin, self.heads)        # scale q first: smaller float16 scores
+        k = apply_rope(k, cos, sin, self.heads)
+        chunk = self.query_chunk or S
+        outs = []
+        for h in range(self.heads):                                            # ANE: one einsum pair per head
+            sl = slice(h * self.head_dim, (h + 1) * self.head_dim)
+            kh = k[:, sl].transpose(1, 3)                                      # (B, S, 1, D)
+            vh = v[:, sl]                                                      # (B, D, 1, S)
+            parts = []
+            for s in range(0, S, chunk):
+                qh = q[:, sl, :, s:s + chunk]                                  # (B, D, 1, Sq)
+                scores = torch.einsum("bchq,bkhc->bkhq", qh, kh)               # (B, S, 1, Sq): keys on the channel axis
+                w = (scores + mask_bias[..., s:s + chunk]).softmax(dim=1)      # (B, S, 1, Sq)
+                parts.append(torch.einsum("bkhq,bchk->bchq", w, vh))           # (B, D, 1, Sq)
+            outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=3))
+        return self.Wo(torch.cat(outs, dim=1))                                 # (B, C, 1, S)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.inner = config.intermediate_size
+        self.Wi = conv1x1(config.hidden_size, 2 * self.inner, config.mlp_bias)
+        self.act = ACTIVATIONS[config.hidden_activation]
+        self.Wo = conv1x1(self.inner, config.hidden_size, config.mlp_bias)
+
+    def forward(self, x):
+        inp, gate = self.Wi(x).split(self.inner, dim=1)                        # 2 x (B, I, 1, S)
+        return self.Wo(self.act(inp) * gate)                                   # (B, C, 1, S)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModernBertConfig, layer: int):
+        super().__init__()
+        C, eps, bias = config.hidden_size, config.norm_eps, config.norm_bias
+        # ModernBERT quirk: layer 0 reads the embedding norm's output directly
+        self.attn_norm = nn.Identity() if layer == 0 else LayerNorm(C, eps, bias, f"layers.{layer}.attn_norm")
+        self.attn = Attention(config, layer)
+        self.mlp_norm = LayerNorm(C, eps, bias, f"layers.{layer}.mlp_norm")
+        self.mlp = MLP(config)
+        self.name = f"layers.{layer}"
+
+    def forward(self, x, cos, sin, mask_bias, attn_input=None):
+        """attn_input: what layer 0's attention reads instead of x (see Embeddings.forward)."""
+        x = x + self.attn(self.attn_norm(x if attn_input is None else attn_input), cos, sin, mask_bias)   # (B, C, 1, S)
+        x = probe(f"{self.name}.attn_residual", x)
+        x = x + self.mlp(self.mlp_norm(x))                                          # (B, C, 1, S)
+        return probe(self.name, x)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.norm = LayerNorm(config.hidden_size, config.norm_eps, config.norm_bias, "embeddings.norm")
+        self.proj = None              # set by rotations/: the norm's weight, centring and rotation, as a conv
+
+    def forward(self, input_ids):
+        """(layer 0's attention input, the residual stream), both (B, C, 1, S). The same tensor unless
+        rotated: then layer 0 reads the normalized embedding, the stream its rotated projection."""
+        h = self.norm(self.tok_embeddings(input_ids).transpose(1, 2).unsqueeze(2))   # (B, C, 1, S)
+        x = h if self.proj is None else self.proj(h)                                # (B, C, 1, S)
+        return h, probe("embeddings", x)
+
+
+class PredictionHead(nn.Module):
+    """transformers' ModernBertPredictionHead: dense, activation, norm."""
+
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.dense = conv1x1(config.hidden_size, config.hidden_size, config.classifier_bias)
+        self.act = ACTIVATIONS[config.classifier_activation]
+        self.norm = LayerNorm(config.hidden_size, config.norm_eps, config.norm_bias, "head.norm")
+
+    def forward(self, x):
+        return self.norm(self.act(self.dense(x)))                             # (B, C, 1, S)
+
+
+class ModernBert(nn.Module):
+    """The encoder and one task head. forward(input_ids (B, S), attention_mask (B, S)) returns
+    fill-mask: logits (B, S, V); encoder: hidden_states (B, S, C);
+    classify: logits (B, num_labels); token-classify: logits (B, S, num_labels)."""
+
+    def __init__(self, config: ModernBertConfig, task: str = "fill-mask"):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"unknown task '{task}' (one of {', '.join(TASKS)})")
+        self.config, self.task = config, task
+        C = config.hidden_size
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = LayerNorm(C, config.norm_eps, config.norm_bias, "final_norm")
+        self.final_proj = None        # set by rotations/ when no head conv can absorb the final norm's weight
+        self.rotation = None          # set by rotations/: description of the folded rotation (kind, seed, matrix)
+        if task in ("fill-mask", "classify", "token-classify"):
+            self.head = PredictionHead(config)
+        if task == "fill-mask":
+            self.decoder = conv1x1(C, config.vocab_size, config.decoder_bias)
+        elif task in ("classify", "token-classify"):
+            self.classifier = conv1x1(C, config.num_labels, True)
+        for theta, kind in ((config.global_rope_theta, "global"), (config.local_rope_theta, "local")):
+            cos, sin = rope_tables(theta, config.head_dim, config.max_position_embeddings)
+            self.register_buffer(f"{kind}_cos", cos, persistent=False)
+            self.register_buffer(f"{kind}_sin", sin, persistent=False)
+
+    def set_query_chunk(self, chunk: int | None) -> None:
+        """Process global attention in query chunks of this size: scores stay (S, 1, chunk) per head."""
+        for block in self.layers:
+            block.attn.query_chunk = chunk if block.attn.is_global else None
+
+    def mask_biases(self, attention_mask: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive masks built in the graph from the (B, S) 1/0 mask: keys on axis 1, queries on axis 3."""
+        S = attention_mask.shape[1]
+        pad = (1.0 - attention_mask.to(dtype)) * MASK_FILL                      # (B, S)
+        global_bias = pad[:, :, None, None]                                    # (B, S, 1, 1): broadcasts over queries
+        pos = torch.arange(S, device=attention_mask.device)                    # built from S: stays correct at every length
+        far = (pos[:, None] - pos[None, :]).abs() > self.config.window_radius  # (S, S)
+        local_bias = global_bias + (far.to(dtype) * MASK_FILL)[None, :, None, :]   # (B, S, 1, S)
+        return global_bias, local_bias
+
+    def encode(self, input_ids, attention_mask):
+        """The final-norm output (B, C, 1, S): in the rotated basis when rotated (see final_proj)."""
+        S = input_ids.shape[1]
+        h, x = self.embeddings(input_ids)                                      # 2 x (B, C, 1, S)
+        global_bias, local_bias = self.mask_biases(attention_mask, x.dtype)
+        rope = {kind: (getattr(self, f"{kind}_cos")[..., :S].to(x.dtype), getattr(self, f"{kind}_sin")[..., :S].to(x.dtype))
+                for kind in ("global", "local")}
+        for i, block in enumerate(self.layers):
+            kind = "global" if block.attn.is_global else "local"
+            x = block(x, *rope[kind], global_bias if kind == "global" else local_bias, h if i == 0 else None)
+        x = self.final_norm(x)                                                 # (B, C, 1, S)
+        if self.final_proj is not None:
+            x = self.final_proj(x)
+        return x
+
+    def forward(self, input_ids, attention_mask):
+        x = self.encode(input_ids, attention_mask)                            # (B, C, 1, S)
+        if self.task == "encoder":
+            return x.squeeze(2).transpose(1, 2)                                # (B, S, C)
+        if self.task == "classify":
+            x = self.pool(x, attention_mask)                                   # (B, C, 1, 1)
+        x = self.head(x)
+        x = self.decoder(x) if self.task == "fill-mask" else self.classifier(x)   # (B, V or L, 1, S or 1)
+        x = probe("logits", x)
+        if self.task == "classify":
+            return x.flatten(1)                                                # (B, L)
+        return x.squeeze(2).transpose(1, 2)                                    # (B, S, V or L)
+
+    def pool(self, x, attention_mask):
+        if self.config.classifier_pooling == "cls":
+            return x[..., :1]                                                  # (B, C, 1, 1)
+        m = attention_mask.to(x.dtype)[:, None, None, :]                       # (B, 1, 1, S)
+        return (x * m).sum(dim=3, keepdim=True) / m.sum(dim=3, keepdim=True)   # (B, C, 1, 1)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, task: str | None = None, revision: str | None = None):
+        """Load a hub id or local folder; returns (model, checkpoint). Fails loudly on any key mismatch."""
+        ckpt = resolve_checkpoint(name_or_path, revision)
+        return cls.from_checkpoint(ckpt, task), ckpt
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, task: str | None = None):
+        config = ModernBertConfig.from_dict(ckpt.config)
+        task = task or default_task(config)
+        model = cls(config, task)
+        model.load_checkpoint_weights(load_state_dict(ckpt.path), str(ckpt.path))
+        return model.eval()
+
+    def load_checkpoint_weights(self, tensors: dict, where: str) -> None:
+        prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
+        key_map = checkpoint_key_map(self.config, self.task, prefix)
+        known_elsewhere = {src for src in head_keys(self.config, prefix)}      # other tasks' heads: known, unused
+        unknown = sorted(k for k in tensors if k not in set(key_map.values()) and k not in known_elsewhere)
+        tied = f"{prefix}embeddings.tok_embeddings.weight"
+        missing = sorted(src for dst, src in key_map.items()
+                         if src not in tensors and not (dst == "decoder.weight" and tied in tensors))
+        if unknown or missing:
+            raise CheckpointError(f"weights in {where} do not match this ModernBERT config: "
+                                  f"missing {_some(missing)}; unknown {_some(unknown)}")
+        state = {}
+        for dst, src in key_map.items():
+            t = tensors[src] if src in tensors else tensors[tied]             # save_pretrained drops the tied decoder
+            expected = self.state_dict()[dst].shape
+            if t.dim() == 2 and len(expected) == 4:
+                t = t[:, :, None, None]                                        # nn.Linear (out, in) -> 1x1 conv
+            if tuple(t.shape) != tuple(expected):
+                raise CheckpointError(f"weight {src} in {where} has shape {tuple(t.shape)}, expected {tuple(expected)}")
+            state[dst] = t.float()
+        self.load_state_dict(state, strict=True)
+
+
+def _some(keys: list, n: int = 5) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def default_task(config: ModernBertConfig) -> str:
+    for arch in config.architectures:
+        if arch in ARCHITECTURE_TASKS:
+            return ARCHITECTURE_TASKS[arch]
+    return "encoder" if not config.architectures else "fill-mask"
+
+
+def encoder_key_map(config: ModernBertConfig, prefix: str) -> dict:
+    """Our parameter name -> the checkpoint's, for the encoder (transformers' ModernBertModel names)."""
+    m = {"embeddings.tok_embeddings.weight": "embeddings.tok_embeddings.weight"}
+    norms = ["embeddings.norm", "final_norm"]
+    for i in range(config.num_hidden_layers):
+        p = f"layers.{i}."
+        norms += ([] if i == 0 else [p + "attn_norm"]) + [p + "mlp_norm"]
+        linears = [p + "attn.Wqkv", p + "attn.Wo", p + "mlp.Wi", p + "mlp.Wo"]
+        bias = {p + "attn.Wqkv": config.attention_bias, p + "attn.Wo": config.attention_bias,
+                p + "mlp.Wi": config.mlp_bias, p + "mlp.Wo": config.mlp_bias}
+        for name in linears:
+            m[name + ".weight"] = name + ".weight"
+            if bias[name]:
+                m[name + ".bias"] = name + ".bias"
+    for name in norms:
+        m[name + ".weight"] = name + ".weight"
+        if config.norm_bias:
+            m[name + ".bias"] = name + ".bias"
+    return {dst: prefix + src for dst, src in m.items()}
+
+
+def task_head_key_map(config: ModernBertConfig, task: str) -> dict:
+    """Our parameter name -> the checkpoint's, for a task head (these keys never carry the model. prefix)."""
+    if task == "encoder":
+        return {}
+    m = {"head.dense.weight": "head.dense.weight", "head.norm.weight": "head.norm.weight"}
+    if config.classifier_bias:
+        m["head.dense.bias"] = "head.dense.bias"
+    if config.norm_bias:
+        m["head.norm.bias"] = "head.norm.bias"
+    if task == "fill-mask":
+        m["decoder.weight"] = "decoder.weight"
+        if config.decoder_bias:
+            m["decoder.bias"] = "decoder.bias"
+    else:
+        m["classifier.weight"] = "classifier.weight"
+        m["classifier.bias"] = "classifier.bias"
+    return m
+
+
+def head_keys(config: ModernBertConfig, prefix: str) -> set:
+    """Every head key any task could use: present in a checkpoint of another task, they are not unknown."""
+    keys = set()
+    for task in TASKS:
+        keys |= set(task_head_key_map(config, task).values())
+    return keys
+
+
+def checkpoint_key_map(config: ModernBertConfig, task: str, prefix: str) -> dict:
+    return {**encoder_key_map(config, prefix), **task_head_key_map(config, task)}

@@ -1,0 +1,142 @@
+"""Small random ModernBERT checkpoints, built with transformers' own classes and saved the way a
+user's checkpoint is, with a tokenizer trained on the fly. No model hub is touched.
+
+Random init leaves every norm weight at 1 and bias at 0, and near-uniform logits: `perturb` moves
+the norms and biases (so a norm bug shows) and the initializer range is raised (so top-1 is not noise).
+`plant_outliers` gives a checkpoint the massive activations trained ModernBERTs have.
+"""
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from evaluation import EVAL_TEXTS
+
+SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+
+# name -> transformers ModernBertConfig arguments. Windows are smaller than the evaluation texts.
+CONFIGS = {
+    # head_dim 16, global every 3rd layer, no biases
+    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                 global_attn_every_n_layers=3, local_attention=16),
+    # head_dim 32, global every 2nd layer, every bias on
+    "biased": dict(hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=2,
+                   global_attn_every_n_layers=2, local_attention=8, norm_bias=True, attention_bias=True,
+                   mlp_bias=True, classifier_bias=True),
+    # hidden 48 = 12 * 4 (not a power of two: a Paley Hadamard), head_dim 16, tanh GELU
+    "odd": dict(hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=3,
+                global_attn_every_n_layers=3, local_attention=32, norm_bias=True,
+                hidden_activation="gelu_pytorch_tanh"),
+}
+
+
+def training_corpus() -> list[str]:
+    words = " ".join(EVAL_TEXTS).replace("[MASK]", "").split()
+    extra = [" ".join(words[i:i + 12]) for i in range(0, len(words), 7)]
+    return list(EVAL_TEXTS) + extra
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(training_corpus(), trainers.WordPieceTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return tok.to_str()
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
+                                   unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                                   mask_token="[MASK]", model_max_length=8192)
+
+
+TASK_CLASSES = {"fill-mask": "ModernBertForMaskedLM", "encoder": "ModernBertModel",
+                "classify": "ModernBertForSequenceClassification",
+                "token-classify": "ModernBertForTokenClassification"}
+
+
+def build_checkpoint(folder, config: str = "tiny", task: str = "fill-mask", seed: int = 0, *,
+                     legacy_config: bool = False, perturb: bool = True, outliers: bool = False,
+                     config_overrides: dict | None = None):
+    """Save a random checkpoint of `task` into `folder` (created) and return the transformers model."""
+    import transformers
+    folder = Path(folder)
+    tokenizer = build_tokenizer()
+    vocab = -(-len(tokenizer) // 64) * 64            # padded like the released 50368-row table
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    kwargs = dict(CONFIGS[config], vocab_size=vocab, initializer_range=0.1, pad_token_id=ids["[PAD]"],
+                  cls_token_id=ids["[CLS]"], sep_token_id=ids["[SEP]"], bos_token_id=ids["[CLS]"],
+                  eos_token_id=ids["[SEP]"], max_position_embeddings=1024, **(config_overrides or {}))
+    if task in ("classify", "token-classify"):
+        labels = ["negative", "neutral", "positive"] if task == "classify" else ["O", "B-ENT", "I-ENT"]
+        kwargs.update(id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    torch.manual_seed(seed)
+    hf_config = transformers.ModernBertConfig(**kwargs)
+    model = getattr(transformers, TASK_CLASSES[task])(hf_config).eval()
+    if perturb:
+        perturb_norms_and_biases(model, seed)
+    if outliers:
+        plant_outliers(model, cls_id=ids["[CLS]"], sep_id=ids["[SEP]"])
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if legacy_config:
+        write_legacy_config(folder / "config.json")
+    return model
+
+
+@torch.no_grad()
+def perturb_norms_and_biases(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, p in model.named_parameters():
+        if "norm" in name and name.endswith("weight"):
+            p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+        elif name.endswith("bias"):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def write_legacy_config(path: Path) -> None:
+    """Rewrite config.json the way the released checkpoints store it (no layer_types / rope_parameters)."""
+    cfg = json.loads(path.read_text())
+    types = cfg.pop("layer_types")
+    every = next(i for i in range(1, len(types) + 1) if i == len(types) or types[i] == "full_attention")
+    assert types == ["full_attention" if i % every == 0 else "sliding_attention" for i in range(len(types))]
+    rope = cfg.pop("rope_parameters")
+    cfg.update(global_attn_every_n_layers=every, global_rope_theta=rope["full_attention"]["rope_theta"],
+               local_rope_theta=rope["sliding_attention"]["rope_theta"])
+    path.write_text(json.dumps(cfg, indent=2))
+
+
+MASSIVE = 3.0e4                  # the size of the activations trained ModernBERTs carry on delimiter tokens
+OUTLIER_CHANNELS = (5, 17)
+
+
+@torch.no_grad()
+def plant_outliers(model, cls_id: int, sep_id: int, channels=OUTLIER_CHANNELS, size: float = MASSIVE) -> None:
+    """Give [CLS]/[SEP] activations of about `size` in `channels` of the residual stream, shaped like
+    trained checkpoints: the embedding rows and the embedding norm's weight make them, layer 0's
+    attention does not read them, and every later norm's weight on them is small."""
+    base = model if hasattr(model, "embeddings") else model.model
+    ch = list(channels)
+    E = base.embeddings.tok_embeddings.weight                 # (V, C)
+    C = E.shape[1]
+    others = [c for c in range(C) if c not in ch]
+    E[:, ch] = E[:, others].mean(1, keepdim=True)             # ordinary tokens: LN(E) is 0 in those channels...
+    E[cls_id, ch] = E[sep_id, ch] = 10.0                      # ...delimiters: the row's largest entries by far
+    rows = E[[cls_id, sep_id]]
+    normalized = ((rows - rows.mean(1, keepdim=True)) / rows.std(1, unbiased=False, keepdim=True))[:, ch]
+    base.embeddings.norm.weight[ch] = size / normalized.mean()   # LN(E)[delimiter, ch] ~ size
+    base.layers[0].attn.Wqkv.weight[:, ch] = 1e-4 * torch.randn(3 * C, len(ch))
+    norms = [base.final_norm] + [layer.mlp_norm for layer in base.layers]
+    norms += [layer.attn_norm for layer in base.layers[1:]]
+    for norm in norms:
+        norm.weight[ch] = 1e-3 * norm.weight[ch].sign()
