@@ -79,6 +79,7 @@ def tokenize(tokenizer, texts: list[str], max_length: int, pad_to: int | None = 
 def reference_model(ckpt: Checkpoint, task: str):
     """transformers' own ModernBERT for the same checkpoint and task, float32, eager attention."""
     import transformers
+    transformers.utils.logging.disable_progress_bar()
     classes = {"fill-mask": "ModernBertForMaskedLM", "encoder": "ModernBertModel",
                "classify": "ModernBertForSequenceClassification",
                "token-classify": "ModernBertForTokenClassification"}

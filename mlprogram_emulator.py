@@ -90,9 +90,34 @@ _F32 = np.float32
 _F16 = np.float16
 
 
+_U32 = np.uint32
+_SUBNORMAL_F16 = np.float32(2.0 ** -14)  # smallest normal float16
+_MAX_F16 = np.float32(65504.0)
+
+
 def _f16(x) -> np.ndarray:
-    """Round to float16, return as a float32 array."""
-    return np.asarray(x, dtype=_F32).astype(_F16).astype(_F32)
+    """Round to the nearest float16 (ties to even), returned as a float32 array.
+
+    Bit-exact with ``x.astype(float16).astype(float32)`` (overflow -> inf, float16
+    subnormals kept) but ~4x faster: the float32 mantissa is rounded to 10 bits in place."""
+    x = np.ascontiguousarray(x, dtype=_F32)
+    if x.size < 64:
+        return x.astype(_F16).astype(_F32)
+    b = x.view(_U32)
+    r = (b >> _U32(13)) & _U32(1)
+    r += b
+    r += _U32(0x0FFF)
+    r &= _U32(0xFFFFE000)
+    r = r.view(_F32)
+    ax = np.abs(x)
+    small = ax < _SUBNORMAL_F16
+    if small.any():  # float16 subnormal range: fixed quantum 2**-24
+        r[small] = np.rint(x[small] * np.float32(2.0 ** 24)) * np.float32(2.0 ** -24)
+    big = np.abs(r) > _MAX_F16
+    if big.any():  # overflow -> inf; NaN stays NaN
+        xb = x[big]
+        r[big] = np.where(np.isnan(xb), xb, np.copysign(np.float32(np.inf), xb))
+    return r
 
 
 def _f32(x) -> np.ndarray:
@@ -475,10 +500,46 @@ def _linear(a, ctx):
     return y
 
 
+def _einsum_as_matmul(eq, x, y):
+    """Two-operand einsum without repeated/ellipsis subscripts as one batched matmul
+    (BLAS), or None when the equation does not have that form."""
+    if "..." in eq or "->" not in eq:
+        return None
+    ins, out = eq.split("->")
+    parts = ins.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if len(a) != x.ndim or len(b) != y.ndim or any(len(set(t)) != len(t) for t in (a, b, out)):
+        return None
+    batch = [c for c in out if c in a and c in b]
+    contract = [c for c in a if c in b and c not in out]
+    free_a = [c for c in a if c not in b]
+    free_b = [c for c in b if c not in a]
+    if any(c not in out for c in free_a + free_b) or len(batch) + len(free_a) + len(free_b) != len(out):
+        return None
+    sa, sb = dict(zip(a, x.shape)), dict(zip(b, y.shape))
+    if any(sa[c] != sb[c] for c in batch + contract):
+        return None
+    size = lambda cs, sz: int(np.prod([sz[c] for c in cs])) if cs else 1
+    xa = np.transpose(x, [a.index(c) for c in batch + free_a + contract]).reshape(
+        size(batch, sa), size(free_a, sa), size(contract, sa))
+    yb = np.transpose(y, [b.index(c) for c in batch + contract + free_b]).reshape(
+        size(batch, sb), size(contract, sb), size(free_b, sb))
+    r = np.matmul(xa, yb).reshape([sa[c] for c in batch] + [sa[c] for c in free_a] + [sb[c] for c in free_b])
+    cur = batch + free_a + free_b
+    return np.transpose(r, [cur.index(c) for c in out])
+
+
 @_op("einsum")
 def _einsum(a, ctx):
     vals = [_f32(v) for v in a["values"]]
-    return np.einsum(_str(a["equation"]), *vals, optimize=True)
+    eq = _str(a["equation"]).replace(" ", "")
+    if len(vals) == 2:
+        r = _einsum_as_matmul(eq, vals[0], vals[1])
+        if r is not None:
+            return r
+    return np.einsum(eq, *vals, optimize=True)
 
 
 def _conv_pads(pad_type, pad, in_sp, ks, strides, dils):
@@ -1327,22 +1388,144 @@ _ARRAY_DTYPES = {
     "FLOAT16": np.float16, "FLOAT32": np.float32, "DOUBLE": np.float64, "INT32": np.int32, "INT8": np.int8,
 }
 
+# MIL proto DataType name -> (numpy storage dtype, bit width for sub-byte types or 0, signed)
+_MIL_DTYPES = {
+    "BOOL": (np.dtype(bool), 0, False),
+    "STRING": (None, 0, False),
+    "FLOAT16": (np.dtype(np.float16), 0, True),
+    "FLOAT32": (np.dtype(np.float32), 0, True),
+    "FLOAT64": (np.dtype(np.float64), 0, True),
+    "INT8": (np.dtype(np.int8), 0, True),
+    "INT16": (np.dtype(np.int16), 0, True),
+    "INT32": (np.dtype(np.int32), 0, True),
+    "INT64": (np.dtype(np.int64), 0, True),
+    "UINT8": (np.dtype(np.uint8), 0, False),
+    "UINT16": (np.dtype(np.uint16), 0, False),
+    "UINT32": (np.dtype(np.uint32), 0, False),
+    "UINT64": (np.dtype(np.uint64), 0, False),
+    "INT4": (np.dtype(np.int8), 4, True),
+    "UINT1": (np.dtype(np.uint8), 1, False),
+    "UINT2": (np.dtype(np.uint8), 2, False),
+    "UINT3": (np.dtype(np.uint8), 3, False),
+    "UINT4": (np.dtype(np.uint8), 4, False),
+    "UINT6": (np.dtype(np.uint8), 6, False),
+}
+_FLOAT_NAMES = frozenset({"FLOAT16", "FLOAT32", "FLOAT64"})
 
-def _out_kind(var, types):
-    """'f' for float vars, else the numpy dtype to store (int / bool)."""
-    dt = var.dtype
-    if types.is_float(dt):
-        return "f"
-    if types.is_bool(dt):
-        return np.dtype(bool)
-    if types.is_int(dt):
-        return np.dtype(types.nptype_from_builtin(dt))
-    return None  # str and other non-tensor values
+# Blob reader method per dtype (coremltools' native MIL weight-file reader)
+_BLOB_READERS = {
+    "FLOAT16": "read_fp16_data", "FLOAT32": "read_float_data", "INT32": "read_int32_data",
+    "UINT32": "read_uint32_data", "INT16": "read_int16_data", "UINT16": "read_uint16_data",
+    "INT8": "read_int8_data", "UINT8": "read_uint8_data", "INT4": "read_int4_data",
+    "UINT1": "read_uint1_data", "UINT2": "read_uint2_data", "UINT3": "read_uint3_data",
+    "UINT4": "read_uint4_data", "UINT6": "read_uint6_data",
+}
+
+# Parameters that are always a tuple of tensors (TupleInputType in the MIL op definitions).
+_TUPLE_PARAMS = frozenset({("concat", "values"), ("stack", "values"), ("einsum", "values"),
+                           ("reshape_like", "ref_tensors")})
 
 
-# --------------------------------------------------------------------------------------
-# The emulator
-# --------------------------------------------------------------------------------------
+def _unpack_sub_byte(raw: bytes, nbits: int, signed: bool, count: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")[: count * nbits]
+    vals = (bits.reshape(count, nbits).astype(np.int32) << np.arange(nbits, dtype=np.int32)).sum(axis=1)
+    if signed:
+        vals = np.where(vals >= (1 << (nbits - 1)), vals - (1 << nbits), vals)
+        return vals.astype(np.int8)
+    return vals.astype(np.uint8)
+
+
+class _ProtoReader:
+    """Decodes MIL proto values (immediate and weight-file) into NumPy."""
+
+    def __init__(self, weights_dir):
+        from coremltools.proto import MIL_pb2
+
+        self.weights_dir = weights_dir
+        self._dtype_name = MIL_pb2.DataType.Name
+        self._blob_readers = {}
+
+    def tensor_type(self, value_type):
+        """(dtype name, shape with None for unknown dims) of a ValueType, or (kind, None)."""
+        which = value_type.WhichOneof("type")
+        if which != "tensorType":
+            return which, None
+        tt = value_type.tensorType
+        shape = tuple(
+            d.constant.size if d.WhichOneof("dimension") == "constant" else None for d in tt.dimensions
+        )
+        return self._dtype_name(tt.dataType), shape
+
+    def kind(self, value_type, where):
+        """'f' for floats, a numpy dtype for ints/bool, None for strings."""
+        name, _ = self.tensor_type(value_type)
+        if name in _FLOAT_NAMES:
+            return "f"
+        if name == "STRING":
+            return None
+        if name in _MIL_DTYPES and _MIL_DTYPES[name][1] == 0:
+            return _MIL_DTYPES[name][0]
+        if name in _MIL_DTYPES:  # sub-byte ints are held unpacked
+            return _MIL_DTYPES[name][0]
+        raise UnsupportedOpError(f"{where}: value type {name} is not supported")
+
+    def value(self, v, where):
+        """A proto Value -> numpy array (float tensors rounded to float16, stored as float32),
+        or a Python str for string scalars."""
+        name, shape = self.tensor_type(v.type)
+        if shape is None:
+            raise UnsupportedOpError(f"{where}: {name} values are not supported")
+        if name not in _MIL_DTYPES:
+            raise UnsupportedOpError(f"{where}: value type {name} is not supported")
+        npdt, nbits, signed = _MIL_DTYPES[name]
+        if any(d is None for d in shape):
+            raise UnsupportedOpError(f"{where}: constant with unknown shape")
+        count = int(np.prod(shape)) if shape else 1
+        which = v.WhichOneof("value")
+        if which == "blobFileValue":
+            fname = os.path.join(self.weights_dir, v.blobFileValue.fileName.split("/")[-1])
+            reader = self._blob_readers.get(fname)
+            if reader is None:
+                from coremltools.libmilstoragepython import _BlobStorageReader
+
+                reader = self._blob_readers[fname] = _BlobStorageReader(fname)
+            if name not in _BLOB_READERS:
+                raise UnsupportedOpError(f"{where}: weight-file values of type {name} are not supported")
+            raw = np.asarray(getattr(reader, _BLOB_READERS[name])(v.blobFileValue.offset))
+            arr = raw.view(np.float16) if name == "FLOAT16" else raw
+            arr = arr.reshape(-1)[:count].reshape(shape)
+        elif which == "immediateValue":
+            iv = v.immediateValue
+            if iv.WhichOneof("value") != "tensor":
+                raise UnsupportedOpError(f"{where}: immediate {iv.WhichOneof('value')} values are not supported")
+            tv = iv.tensor
+            field = tv.WhichOneof("value")
+            if field is None:
+                vals = []
+            else:
+                vals = getattr(tv, field).values
+            if name == "STRING":
+                strs = [str(s) for s in vals]
+                return strs[0] if not shape else np.array(strs).reshape(shape)
+            if field == "bytes":
+                raw = bytes(vals)
+                if nbits:
+                    arr = _unpack_sub_byte(raw, nbits, signed, count)
+                else:
+                    arr = np.frombuffer(raw, dtype=npdt)[:count].copy()
+            else:
+                arr = np.asarray(list(vals))
+                if arr.size == 0:
+                    arr = np.zeros((count,), npdt)
+            arr = arr.astype(npdt).reshape(shape)
+        else:
+            raise UnsupportedOpError(f"{where}: value without data")
+        if name == "FLOAT16":
+            return arr.astype(_F32)
+        if name in _FLOAT_NAMES:
+            return _f16(arr)
+        return np.asarray(arr)
+
 
 class _Step:
     __slots__ = ("op_type", "name", "fn", "params", "outs", "kinds", "skip_round", "free", "ctx")
@@ -1358,129 +1541,129 @@ class MLProgramEmulator:
         self.package_path = os.fspath(package_path)
         self.pessimistic = bool(pessimistic)
         spec, weights_dir = _read_package(package_path)
-        ct = _ct()
-        from coremltools.converters.mil.frontend.milproto.load import load as _load_milproto
-        from coremltools.converters.mil.mil import types
-
         self._spec = spec
-        prog = _load_milproto(spec, spec.specificationVersion, weights_dir)
-        if function_name not in prog.functions:
+        functions = spec.mlProgram.functions
+        if function_name not in functions:
             default = getattr(spec.description, "defaultFunctionName", "")
-            if function_name == "main" and default in prog.functions:
+            if function_name == "main" and default in functions:
                 function_name = default
             else:
                 raise ValueError(
-                    f"function {function_name!r} not in {self.package_path} (has: {', '.join(sorted(prog.functions))})"
+                    f"function {function_name!r} not in {self.package_path} (has: {', '.join(sorted(functions))})"
                 )
         self.function_name = function_name
-        func = prog.functions[function_name]
-        self._compile(func, types)
-        del ct
+        self._compile(functions[function_name], _ProtoReader(weights_dir))
+        self._specs_cache = self.input_specs()
 
     # ---- compile the op list into a flat execution plan ---------------------------------
 
-    def _compile(self, func, types):
-        ops = list(func.operations)
-        self._op_type_counts = dict(Counter(op.op_type for op in ops))
-        slot_of: Dict[int, int] = {}
-        consts: Dict[int, object] = {}
-        self._input_vars = dict(func.inputs)
-        self.input_names: List[str] = list(func.inputs.keys())
-        self._input_slots = {}
-        self._input_kinds = {}
+    def _compile(self, func, reader: _ProtoReader):
+        if func.opset not in func.block_specializations:
+            raise NotAnMLPackageError(f"function {self.function_name!r} has no block for opset {func.opset}")
+        block = func.block_specializations[func.opset]
+        ops = list(block.operations)
+        self._op_type_counts = dict(Counter(op.type for op in ops))
+        slot_of: Dict[str, int] = {}
+        consts: Dict[str, object] = {}
+        self.input_names: List[str] = []
+        self._input_slots: Dict[str, int] = {}
+        self._input_info = {}
         fp32_input_slots = set()
-        for name, var in func.inputs.items():
-            if types.is_state(var.sym_type):
-                raise UnsupportedOpError(f"state input '{name}' is not supported (stateful models)")
+        for nvt in func.inputs:
+            name = nvt.name
+            dname, shape = reader.tensor_type(nvt.type)
+            if shape is None:
+                raise UnsupportedOpError(f"input '{name}' of type {dname} is not supported (stateful models)")
+            kind = reader.kind(nvt.type, f"input '{name}'")
             s = len(slot_of)
-            slot_of[id(var)] = s
+            slot_of[name] = s
+            self.input_names.append(name)
             self._input_slots[name] = s
-            kind = _out_kind(var, types)
-            self._input_kinds[name] = (kind, var.dtype == types.fp16)
-            if kind == "f" and var.dtype != types.fp16:
+            self._input_info[name] = (kind, dname == "FLOAT16", shape)
+            if kind == "f" and dname != "FLOAT16":
                 fp32_input_slots.add(s)
 
-        def const_value(var):
-            v = var.val
-            if v is None:
-                raise AssertionError(f"const var {var.name} has no value")
-            kind = _out_kind(var, types)
-            if kind == "f":
-                return _f16(v)
-            if isinstance(v, np.ndarray) or isinstance(v, np.generic):
-                return np.asarray(v) if kind is None else np.asarray(v, dtype=kind)
-            if kind is not None:
-                return np.asarray(v, dtype=kind)
-            return v
+        def op_name(op, i):
+            a = op.attributes.get("name")
+            if a is not None:
+                try:
+                    return str(a.immediateValue.tensor.strings.values[0])
+                except (IndexError, AttributeError):
+                    pass
+            return op.outputs[0].name if op.outputs else f"{op.type}_{i}"
 
         steps: List[_Step] = []
-        for op in ops:
-            if op.blocks or op.op_type in ("cond", "while_loop"):
+        for i, op in enumerate(ops):
+            name = op_name(op, i)
+            where = f"{op.type} op '{name}'"
+            if len(op.blocks) or op.type in ("cond", "while_loop"):
                 raise UnsupportedOpError(
-                    f"unsupported op type '{op.op_type}' (op '{op.name}'): control flow / nested blocks are not emulated"
+                    f"unsupported op type '{op.type}' (op '{name}'): control flow / nested blocks are not emulated"
                 )
-            if op.op_type == "const":
-                consts[id(op.outputs[0])] = const_value(op.outputs[0])
+            if op.type == "const":
+                consts[op.outputs[0].name] = reader.value(op.attributes["val"], where)
                 continue
-            fn = _OPS.get(op.op_type)
+            fn = _OPS.get(op.type)
             if fn is None:
-                raise UnsupportedOpError(f"unsupported op type '{op.op_type}' (op '{op.name}')")
-            kinds = [_out_kind(v, types) for v in op.outputs]
-            if op.op_type.startswith("constexpr_"):
-                # compile-time decompression: all inputs are constants
-                args = {}
-                for pname, v in op.inputs.items():
-                    if isinstance(v, (list, tuple)):
-                        args[pname] = [consts[id(x)] for x in v]
-                    else:
-                        args[pname] = consts[id(v)]
-                ctx = _Ctx(self.pessimistic, op.name, op.op_type, len(op.outputs), kinds)
-                res = fn(args, ctx)
-                res = res if isinstance(res, tuple) else (res,)
-                for var, val, kind in zip(op.outputs, res, kinds):
-                    consts[id(var)] = _f16(val) if kind == "f" else np.asarray(val, dtype=kind)
-                continue
-            st = _Step()
-            st.op_type, st.name, st.fn, st.kinds = op.op_type, op.name, fn, kinds
-            st.ctx = _Ctx(self.pessimistic, op.name, op.op_type, len(op.outputs), kinds)
+                raise UnsupportedOpError(f"unsupported op type '{op.type}' (op '{name}')")
+            kinds = [reader.kind(o.type, where) for o in op.outputs]
+            ctx = _Ctx(self.pessimistic, name, op.type, len(op.outputs), kinds)
             params = []
             reads_fp32_input = False
-            for pname, v in op.inputs.items():
-                if isinstance(v, (list, tuple)):
-                    refs = []
-                    for x in v:
-                        if id(x) in consts:
-                            refs.append((0, consts[id(x)]))
+            for pname, arg in op.inputs.items():
+                refs = []
+                for b in arg.arguments:
+                    if b.WhichOneof("binding") == "name":
+                        if b.name in consts:
+                            refs.append((0, consts[b.name]))
+                        elif b.name in slot_of:
+                            refs.append((1, slot_of[b.name]))
+                            reads_fp32_input |= slot_of[b.name] in fp32_input_slots
                         else:
-                            refs.append((1, slot_of[id(x)]))
-                            reads_fp32_input |= slot_of[id(x)] in fp32_input_slots
+                            raise NotAnMLPackageError(f"{where} reads '{b.name}' before it is defined")
+                    else:
+                        refs.append((0, reader.value(b.value, where)))
+                if (op.type, pname) in _TUPLE_PARAMS or len(refs) != 1:
                     params.append((pname, 2, refs))
-                elif id(v) in consts:
-                    params.append((pname, 0, consts[id(v)]))
                 else:
-                    if id(v) not in slot_of:
-                        raise AssertionError(f"op '{op.name}' reads '{v.name}' before it is defined")
-                    params.append((pname, 1, slot_of[id(v)]))
-                    reads_fp32_input |= slot_of[id(v)] in fp32_input_slots
+                    params.append((pname, refs[0][0], refs[0][1]))
+            if op.type.startswith("constexpr_"):
+                # compile-time decompression: every input is a constant (iOS16 ops may carry
+                # their parameters as attributes)
+                args = {k: reader.value(v, where) for k, v in op.attributes.items() if k != "name"}
+                for pname, kind, ref in params:
+                    if kind == 1 or (kind == 2 and any(k == 1 for k, _ in ref)):
+                        raise UnsupportedOpError(f"{where}: constexpr op with a non-constant input '{pname}'")
+                    args[pname] = [r for _, r in ref] if kind == 2 else ref
+                res = fn(args, ctx)
+                res = res if isinstance(res, tuple) else (res,)
+                for o, val, kind in zip(op.outputs, res, kinds):
+                    consts[o.name] = _f16(val) if kind == "f" else np.asarray(val, dtype=kind)
+                continue
+            st = _Step()
+            st.op_type, st.name, st.fn, st.kinds, st.ctx = op.type, name, fn, kinds, ctx
             st.params = params
-            st.skip_round = op.op_type in _MOVEMENT_OPS and not reads_fp32_input
+            st.skip_round = op.type in _MOVEMENT_OPS and not reads_fp32_input
             st.outs = []
-            for var in op.outputs:
+            for o in op.outputs:
                 s = len(slot_of)
-                slot_of[id(var)] = s
+                slot_of[o.name] = s
                 st.outs.append(s)
             steps.append(st)
 
-        self.output_names: List[str] = [v.name for v in func.outputs]
-        self._outputs = []  # (name, kind, ('const', value) | ('slot', s))
+        out_types = {o.name: o.type for op in ops for o in op.outputs}
+        out_types.update({nvt.name: nvt.type for nvt in func.inputs})
+        self.output_names: List[str] = list(block.outputs)
+        self._outputs = []  # (name, kind, 0 -> const value | 1 -> slot, ref)
         keep = set()
-        for v in func.outputs:
-            if id(v) in consts:
-                self._outputs.append((v.name, _out_kind(v, types), 0, consts[id(v)]))
+        for oname in block.outputs:
+            kind = reader.kind(out_types[oname], f"output '{oname}'") if oname in out_types else "f"
+            if oname in consts:
+                self._outputs.append((oname, kind, 0, consts[oname]))
             else:
-                s = slot_of[id(v)]
+                s = slot_of[oname]
                 keep.add(s)
-                self._outputs.append((v.name, _out_kind(v, types), 1, s))
+                self._outputs.append((oname, kind, 1, s))
 
         # last use of every slot: free it right after that step
         last_use: Dict[int, int] = {}
@@ -1502,6 +1685,7 @@ class MLProgramEmulator:
             st.free = free_at.get(i, [])
         self._steps = steps
         self._n_slots = len(slot_of)
+
 
     # ---- public API ---------------------------------------------------------------------------
 
@@ -1558,17 +1742,16 @@ class MLProgramEmulator:
             if extra:
                 parts.append("unexpected inputs: " + ", ".join(map(str, extra)))
             raise ValueError("; ".join(parts) + f" (expected: {', '.join(self.input_names)})")
-        specs = self.input_specs()
+        specs = self._specs_cache
         prepared = {}
         bad = []
         for name in self.input_names:
             arr = np.asarray(inputs[name])
             shape = tuple(arr.shape)
+            kind, is_fp16, var_shape = self._input_info[name]
             spec = specs.get(name)
-            var_shape = self._input_vars[name].shape
-            ok = len(shape) == len(var_shape) and all(
-                not isinstance(d, (int, np.integer)) or int(d) == s for d, s in zip(var_shape, shape)
-            )
+            ok = len(shape) == len(var_shape) and all(d is None or d == s for d, s in zip(var_shape, shape))
+            allowed = str(tuple("?" if d is None else d for d in var_shape))
             if ok and spec is not None and spec.get("shape") is not None:
                 if spec["enumerated_shapes"]:
                     ok = shape in spec["enumerated_shapes"]
@@ -1578,24 +1761,24 @@ class MLProgramEmulator:
                         lo <= s and (hi is None or s <= hi) for s, (lo, hi) in zip(shape, spec["shape_range"])
                     )
                     allowed = str(spec["shape_range"])
-                else:
+                elif all(d is not None for d in var_shape):
                     ok = shape == spec["shape"]
                     allowed = str(spec["shape"])
-            else:
-                allowed = str(tuple(var_shape))
             if not ok:
                 bad.append(f"{name} has shape {shape}, allowed {allowed}")
                 continue
-            kind, _ = self._input_kinds[name]
             if kind == "f":
-                a = _f32(arr)
-                if self._input_kinds[name][1]:
-                    a = _f16(a)
+                if arr.dtype.kind not in "fiub":
+                    bad.append(f"{name} must be numeric, got {arr.dtype}")
+                    continue
+                a = _f16(arr) if is_fp16 else _f32(arr)
             elif kind is not None and kind.kind == "b":
                 a = arr.astype(bool)
             else:
-                if arr.dtype.kind == "f" and arr.size and not np.all(arr == np.trunc(arr)):
-                    bad.append(f"{name} must hold integers ({kind.name}), got non-integer floats")
+                if arr.dtype.kind not in "fiub" or (
+                    arr.dtype.kind == "f" and arr.size and not np.all(arr == np.trunc(arr))
+                ):
+                    bad.append(f"{name} must hold integers ({kind.name}), got {arr.dtype}")
                     continue
                 ctx = _Ctx(False, name, "input", 1, [kind])
                 try:
@@ -1655,7 +1838,7 @@ class MLProgramEmulator:
             a = np.asarray(val)
             if st.skip_round and a.dtype == _F32:
                 return a
-            return a.astype(_F32, copy=False).astype(_F16).astype(_F32)
+            return _f16(a)
         a = np.asarray(val)
         if kind is None or a.dtype == kind:
             return a

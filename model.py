@@ -259,7 +259,8 @@ class Attention(nn.Module):
             for s in range(0, S, chunk):
                 qh = q[:, sl, :, s:s + chunk]                                  # (B, D, 1, Sq)
                 scores = torch.einsum("bchq,bkhc->bkhq", qh, kh)               # (B, S, 1, Sq): keys on the channel axis
-                w = (scores + mask_bias[..., s:s + chunk]).softmax(dim=1)      # (B, S, 1, Sq)
+                bias = mask_bias if mask_bias.shape[3] == 1 else mask_bias[..., s:s + chunk]   # global: (B, S, 1, 1)
+                w = (scores + bias).softmax(dim=1)                             # (B, S, 1, Sq)
                 parts.append(torch.einsum("bkhq,bchk->bchq", w, vh))           # (B, D, 1, Sq)
             outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=3))
         return self.Wo(torch.cat(outs, dim=1))                                 # (B, C, 1, S)

@@ -84,6 +84,8 @@ def build_checkpoint(folder, config: str = "tiny", task: str = "fill-mask", seed
     model = getattr(transformers, TASK_CLASSES[task])(hf_config).eval()
     if perturb:
         perturb_norms_and_biases(model, seed)
+    if task == "fill-mask":
+        make_predictions_confident(model)
     if outliers:
         plant_outliers(model, cls_id=ids["[CLS]"], sep_id=ids["[SEP]"])
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,6 +104,15 @@ def perturb_norms_and_biases(model, seed: int) -> None:
             p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
         elif name.endswith("bias"):
             p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@torch.no_grad()
+def make_predictions_confident(model) -> None:
+    """A trained masked LM predicts an unmasked token back with a clear margin; random weights give
+    near-ties, where float16 rounding flips top-1 by chance. An identity-like head dense makes the
+    logits favour the input token, as training does (the residual stream still carries it)."""
+    C = model.head.dense.weight.shape[0]
+    model.head.dense.weight.copy_(3.0 * torch.eye(C) + 0.02 * torch.randn(C, C))
 
 
 def write_legacy_config(path: Path) -> None:

@@ -18,9 +18,9 @@ def checkpoint_factory(tmp_path_factory):
     built = {}
 
     def make(config="tiny", task="fill-mask", **options):
-        key = (config, task, tuple(sorted(options.items())))
+        key = (config, task, repr(sorted(options.items())))
         if key not in built:
-            name = "-".join([config, task] + [f"{k}{v}" for k, v in sorted(options.items())])
+            name = f"{config}-{task}-{len(built)}"
             folder = tmp_path_factory.mktemp("ckpt") / name
             build_checkpoint(folder, config, task, **options)
             built[key] = folder

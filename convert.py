@@ -1,0 +1,308 @@
+"""Convert a ModernBERT checkpoint to a Core ML ML Program (.mlpackage, float16) for the Neural Engine.
+
+    python convert.py                                   # answerdotai/ModernBERT-base, 512 tokens, Hadamard-rotated
+    python convert.py ./my-checkpoint --seq-len 128 512 --task classify -o classifier.mlpackage
+
+Inputs: input_ids (1, S) int32 and attention_mask (1, S) int32 (1 = token, 0 = padding); every mask
+is built inside the graph. Several --seq-len values give one package accepting each of them
+(enumerated shapes, the flexible-shape kind the Neural Engine runs). After saving, the package is
+run by the float16 emulator (or Core ML on macOS) and compared with the float32 model: below the
+threshold the conversion fails and nothing is written.
+"""
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ane_readiness import Readiness
+from checkpoint import DEFAULT_MODEL
+from evaluation import EVAL_TEXTS, distribution_metrics, cosine_metrics, load_tokenizer, tokenize
+from mlpackage import BACKENDS, PROJECT_VERSION, PackageRunner, write_metadata
+from model import TASKS, ModernBert
+from quiet_coremltools import import_coremltools
+from rotations import ROTATION_KINDS, rotate_model
+from user_errors import UserError, run_cli
+
+OUTPUT_NAMES = {"fill-mask": "logits", "encoder": "hidden_states", "classify": "logits", "token-classify": "logits"}
+OUTPUT_DESCRIPTIONS = {
+    "fill-mask": "masked-LM logits over the vocabulary, (1, S, vocab)",
+    "encoder": "last hidden states (after the final norm), (1, S, hidden)",
+    "classify": "sequence classification logits, (1, labels); labels in the metadata",
+    "token-classify": "per-token classification logits, (1, S, labels); labels in the metadata",
+}
+# Enumerated shapes on two inputs need iOS 18 / macOS 15; a single fixed length runs from iOS 17 / macOS 14.
+TARGETS = {"macOS15": ("macOS15", True), "iOS18": ("iOS18", True), "macOS14": ("macOS14", False),
+           "iOS17": ("iOS17", False)}
+CHECK_MIN_TOP1 = 0.9            # of the package against this model in float32, on the check texts
+CHECK_MIN_COSINE = 0.99
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hub id or local folder (default {DEFAULT_MODEL})")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[512], metavar="N",
+                   help="sequence length(s) the package accepts (default 512)")
+    p.add_argument("--task", choices=TASKS, help="default: from the checkpoint's architectures")
+    p.add_argument("--rotation", choices=ROTATION_KINDS, default="hadamard",
+                   help="orthogonal rotation fused into the weights so float16 holds the activations (default hadamard)")
+    p.add_argument("--seed", type=int, default=0, help="rotation seed (default 0)")
+    p.add_argument("--deployment-target", choices=sorted(TARGETS), default="macOS15",
+                   help="minimum OS (default macOS15 = iOS18 ops; macOS14/iOS17 only for a single --seq-len)")
+    p.add_argument("--query-chunk", type=int, help="global attention in query chunks of N tokens (single --seq-len)")
+    p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the checkpoint's own)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("-o", "--output", help="output .mlpackage (default: named from model, task, rotation, lengths)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--check-backend", choices=BACKENDS, default="auto",
+                   help="what runs the correctness check: Core ML (macOS) or the emulator (default auto)")
+    p.add_argument("--skip-check", action="store_true", help="do not run the package after converting")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def default_output_name(source: str, task: str, rotation: str, seed: int, lengths: list[int]) -> str:
+    slug = re.sub(r"[^\w.-]+", "-", Path(source.rstrip("/")).name) or "model"
+    seed_part = f"-seed{seed}" if rotation != "none" and seed else ""
+    return f"{slug}-{task}-{rotation}{seed_part}-{'-'.join(map(str, lengths))}.mlpackage"
+
+
+def validate(args) -> list[int]:
+    lengths = sorted(set(args.seq_len))
+    if min(lengths) < 2:
+        raise UserError("--seq-len must be at least 2 (room for [CLS] and [SEP])")
+    if len(lengths) > 128:
+        raise UserError("at most 128 sequence lengths fit in one package (Core ML's enumerated-shapes limit)")
+    if len(lengths) > 1 and not TARGETS[args.deployment_target][1]:
+        raise UserError(f"several --seq-len values need enumerated shapes on two inputs, which need "
+                        f"--deployment-target macOS15 or iOS18 (not {args.deployment_target})")
+    if args.query_chunk is not None and (args.query_chunk < 1 or len(lengths) > 1):
+        raise UserError("--query-chunk needs a positive size and a single --seq-len")
+    return lengths
+
+
+def check_output(output: Path, checkpoint_dir: Path | None, force: bool) -> None:
+    if output.suffix != ".mlpackage":
+        raise UserError(f"output must end in .mlpackage: {output}")
+    if not output.parent.is_dir():
+        raise UserError(f"output folder {output.parent} does not exist")
+    if checkpoint_dir is not None and output.resolve().is_relative_to(checkpoint_dir.resolve()):
+        raise UserError(f"output {output} is inside the checkpoint folder {checkpoint_dir}; write it elsewhere")
+    if output.exists() and not force:
+        raise UserError(f"{output} exists; pass --force to overwrite it")
+
+
+class Progress:
+    def __init__(self, steps: int):
+        self.steps, self.step, self.times = steps, 0, {}
+
+    def start(self, what: str) -> None:
+        self.step += 1
+        self.what, self.t0 = what, time.perf_counter()
+        print(f"[{self.step}/{self.steps}] {what} ...", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        self.times[self.what] = time.perf_counter() - self.t0
+        print(f"      {self.times[self.what]:.1f} s", file=sys.stderr, flush=True)
+
+
+class TraceWrapper(torch.nn.Module):
+    """The traced signature: int32 ids and mask in, the task's output tensor out."""
+
+    def __init__(self, model: ModernBert):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids, attention_mask)
+
+
+def trace(model: ModernBert, length: int):
+    example = (torch.zeros(1, length, dtype=torch.int32), torch.ones(1, length, dtype=torch.int32))
+    with torch.no_grad():
+        return torch.jit.trace(TraceWrapper(model).eval(), example, check_trace=False)
+
+
+def to_mlprogram(traced, task: str, lengths: list[int], target: str):
+    ct = import_coremltools()
+    if len(lengths) == 1:
+        shape = (1, lengths[0])
+    else:
+        shape = ct.EnumeratedShapes(shapes=[[1, n] for n in lengths], default=[1, lengths[-1]])
+    inputs = [ct.TensorType(name="input_ids", shape=shape, dtype=np.int32),
+              ct.TensorType(name="attention_mask", shape=shape, dtype=np.int32)]
+    return ct.convert(traced, inputs=inputs, outputs=[ct.TensorType(name=OUTPUT_NAMES[task])],
+                      convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+                      minimum_deployment_target=getattr(ct.target, TARGETS[target][0]),
+                      compute_units=ct.ComputeUnit.CPU_AND_NE, skip_model_load=True)
+
+
+def describe(mlmodel, model: ModernBert, ckpt, tokenizer, tokenizer_source: str, args, lengths) -> None:
+    cfg = model.config
+    mlmodel.author = "modernbert-ane convert.py"
+    mlmodel.short_description = (f"ModernBERT {model.task} ({ckpt.source}), float16, rotation {args.rotation}, "
+                                 f"sequence lengths {', '.join(map(str, lengths))}")
+    mlmodel.version = PROJECT_VERSION
+    mlmodel.input_description["input_ids"] = "token ids from the model's tokenizer ([CLS] ... [SEP], then [PAD]), int32"
+    mlmodel.input_description["attention_mask"] = "1 for a token, 0 for padding, int32"
+    mlmodel.output_description[OUTPUT_NAMES[model.task]] = OUTPUT_DESCRIPTIONS[model.task]
+    labels = None
+    if model.task in ("classify", "token-classify"):
+        id2label = ckpt.config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        labels = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(cfg.num_labels)]
+    problem = ckpt.config.get("problem_type") or (
+        "regression" if model.task == "classify" and cfg.num_labels == 1 else "single_label_classification")
+    write_metadata(mlmodel, {
+        "task": model.task, "source": ckpt.source, "revision": ckpt.revision, "tokenizer": tokenizer_source,
+        "rotation": args.rotation, "rotation_seed": args.seed if args.rotation != "none" else None,
+        "seq_lengths": lengths, "version": PROJECT_VERSION, "output": OUTPUT_NAMES[model.task],
+        "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "deployment_target": args.deployment_target,
+        "compute_units": "CPU_AND_NE", "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id, "mask_token_id": tokenizer.mask_token_id, "labels": labels,
+        "problem_type": problem if model.task == "classify" else None,
+        "classifier_pooling": cfg.classifier_pooling if model.task == "classify" else None,
+    })
+
+
+def make_deterministic(package: Path) -> None:
+    """coremltools names the manifest's items with random UUIDs; derive them from the item paths instead,
+    so the same checkpoint and options give the same bytes."""
+    manifest_file = package / "Manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    renamed = {}
+    for old_id, item in manifest["itemInfoEntries"].items():
+        renamed[old_id] = str(uuid.uuid5(uuid.NAMESPACE_URL, item["path"])).upper()
+    manifest["itemInfoEntries"] = {renamed[k]: v for k, v in manifest["itemInfoEntries"].items()}
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_file.write_text(json.dumps(manifest, indent=4, sort_keys=True))
+
+
+def check_package(package: Path, model: ModernBert, tokenizer, lengths: list[int], backend: str, readiness):
+    """Run the saved package at its smallest and largest length and compare with the float32 model."""
+    runner = PackageRunner(package, backend)
+    results = []
+    for length in sorted({lengths[0], lengths[-1]}):
+        texts = [EVAL_TEXTS[0], EVAL_TEXTS[6]]
+        ids, mask = tokenize(tokenizer, texts, length, pad_to=length)
+        outs, refs = [], []
+        for i in range(len(texts)):
+            observe = readiness.observe if length == lengths[-1] and i == 0 and runner.backend == "emulate" else None
+            out = runner.predict({"input_ids": ids[i:i + 1].numpy(), "attention_mask": mask[i:i + 1].numpy()},
+                                 observe=observe)
+            outs.append(out[OUTPUT_NAMES[model.task]])
+            with torch.no_grad():
+                refs.append(model(ids[i:i + 1], mask[i:i + 1]).numpy())
+        out, ref = np.concatenate(outs), np.concatenate(refs)
+        if not np.isfinite(out).all():
+            raise UserError(f"correctness check failed at {length} tokens: the package computes non-finite values "
+                            f"(try --rotation hadamard, or --skip-check to keep it anyway)")
+        if model.task == "classify":
+            rows_ref, rows = ref, out
+        else:
+            valid = mask.numpy().astype(bool)
+            rows_ref, rows = ref[valid], out[valid]
+        if model.task == "encoder":
+            score = cosine_metrics(rows_ref, rows)["cosine_min"]
+            ok, what = score >= CHECK_MIN_COSINE, f"cosine_min {score:.5f} (threshold {CHECK_MIN_COSINE})"
+        else:
+            score = distribution_metrics(rows_ref, rows)["top1_agreement"]
+            ok, what = score >= CHECK_MIN_TOP1, f"top-1 agreement {score:.4f} (threshold {CHECK_MIN_TOP1})"
+        if not ok:
+            raise UserError(f"correctness check failed at {length} tokens: {what} against the float32 model "
+                            f"(--skip-check keeps the package anyway)")
+        results.append(f"{length} tokens: {what}")
+    return runner.backend, results
+
+
+def save_atomically(mlmodel, output: Path, force: bool, finish) -> None:
+    """Save beside the target under a temporary name, run `finish(tmp)` (checks), then rename into place."""
+    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.stem}.", suffix=".tmp")) / output.name
+    try:
+        mlmodel.save(str(tmp))
+        make_deterministic(tmp)
+        finish(tmp)
+        if output.exists():
+            if not force:
+                raise UserError(f"{output} appeared during the conversion; pass --force to overwrite it")
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, old)
+            os.replace(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def quiet_conversion() -> None:
+    """Tracing and coremltools warn about things that are expected here (Python control flow fixed at
+    trace time, numpy casts in constant folding) and draw several progress bars; the steps above say enough."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"coremltools\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"coremltools\..*")
+
+
+def main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_conversion()
+    lengths = validate(args)
+    if args.output:
+        check_output(Path(args.output), None, args.force)
+    steps = Progress(6 - args.skip_check - (args.rotation == "none"))
+    steps.start(f"loading {args.model}")
+    model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision)
+    tokenizer = load_tokenizer(ckpt, args.tokenizer)
+    tokenizer_source = args.tokenizer or (ckpt.source if ckpt.revision or not Path(ckpt.source).exists()
+                                          else str(ckpt.root))
+    if max(lengths) > model.config.max_position_embeddings:
+        raise UserError(f"--seq-len {max(lengths)} exceeds the model's {model.config.max_position_embeddings} positions")
+    output = Path(args.output or default_output_name(ckpt.source, model.task, args.rotation, args.seed, lengths))
+    check_output(output, ckpt.root, args.force)
+    steps.done()
+    if args.rotation != "none":
+        steps.start(f"rotating ({args.rotation}, seed {args.seed})")
+        rotate_model(model, args.rotation, args.seed)
+        steps.done()
+    if args.query_chunk:
+        model.set_query_chunk(args.query_chunk)
+    steps.start(f"tracing at {lengths[-1]} tokens")
+    traced = trace(model, lengths[-1])
+    steps.done()
+    steps.start("converting to an ML Program (float16)")
+    mlmodel = to_mlprogram(traced, model.task, lengths, args.deployment_target)
+    del traced
+    describe(mlmodel, model, ckpt, tokenizer, tokenizer_source, args, lengths)
+    steps.done()
+    readiness = Readiness(list(mlmodel._mil_program.functions["main"].operations))
+    check_lines = []
+
+    def finish(tmp: Path) -> None:
+        steps.done()                                                   # the save
+        if not args.skip_check:
+            steps.start("checking the package against the float32 model")
+            backend, lines = check_package(tmp, model, tokenizer, lengths, args.check_backend, readiness)
+            check_lines.extend([f"correctness check ({'Core ML' if backend == 'coreml' else 'emulator'}):"] +
+                               [f"  {line}" for line in lines])
+            steps.done()
+        print(readiness.report(tmp, lengths[-1]))
+
+    steps.start(f"saving {output}")
+    save_atomically(mlmodel, output, args.force, finish)
+    if check_lines:
+        print("\n".join(check_lines))
+    print(f"wrote {output}  (" + ", ".join(f"{k.split(' ')[0]} {v:.1f} s" for k, v in steps.times.items()) + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,225 @@
+"""model.py against transformers' ModernBERT, and checkpoint loading through the user's code path."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoint import CheckpointError, resolve_checkpoint
+from checkpoints import CONFIGS, TASK_CLASSES, build_tokenizer
+from evaluation import EVAL_TEXTS, reference_model, tokenize
+from model import MASK_FILL, ModernBert, ModernBertConfig, default_task
+
+TOL = 1e-4
+
+
+def reference_and_ours(folder, task, input_ids, attention_mask, chunk=None):
+    model, ckpt = ModernBert.from_pretrained(str(folder), task=task)
+    if chunk:
+        model.set_query_chunk(chunk)
+    ref = reference_model(ckpt, task)
+    with torch.no_grad():
+        out = ref(input_ids=input_ids, attention_mask=attention_mask)
+        ref_out = out.last_hidden_state if task == "encoder" else out.logits
+        ours = model(input_ids, attention_mask)
+    return ref_out, ours
+
+
+def batch(max_length=512, texts=EVAL_TEXTS):
+    return tokenize(build_tokenizer(), texts, max_length)
+
+
+def masked_max_diff(a, b, mask):
+    return (a - b)[mask.bool()].abs().max().item()
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("legacy", [False, True], ids=["layer_types", "legacy"])
+def test_fill_mask_parity_with_padding_and_long_texts(checkpoint_factory, config, legacy):
+    folder = checkpoint_factory(config, "fill-mask", legacy_config=legacy)
+    ids, mask = batch()
+    window = CONFIGS[config]["local_attention"]
+    assert ids.shape[1] > 4 * window and (mask == 0).any()        # longer than the window, and padded
+    ref, ours = reference_and_ours(folder, "fill-mask", ids, mask)
+    assert masked_max_diff(ref, ours, mask) <= TOL
+    assert (ref.argmax(-1) == ours.argmax(-1))[mask.bool()].all()
+
+
+def test_short_sequence_shorter_than_window(checkpoint_factory):
+    folder = checkpoint_factory("odd", "fill-mask")
+    ids, mask = batch(texts=EVAL_TEXTS[:3])
+    assert ids.shape[1] < CONFIGS["odd"]["local_attention"]
+    ref, ours = reference_and_ours(folder, "fill-mask", ids, mask)
+    assert masked_max_diff(ref, ours, mask) <= TOL
+
+
+@pytest.mark.parametrize("task", ["encoder", "classify", "token-classify"])
+def test_other_heads_parity(checkpoint_factory, task):
+    folder = checkpoint_factory("biased", task)
+    ids, mask = batch()
+    ref, ours = reference_and_ours(folder, task, ids, mask)
+    if task == "classify":
+        assert (ref - ours).abs().max().item() <= TOL
+    else:
+        assert masked_max_diff(ref, ours, mask) <= TOL
+
+
+def test_mean_pooling_classifier(checkpoint_factory):
+    folder = checkpoint_factory("tiny", "classify", config_overrides={"classifier_pooling": "mean"})
+    ids, mask = batch()
+    ref, ours = reference_and_ours(folder, "classify", ids, mask)
+    assert (ref - ours).abs().max().item() <= TOL
+
+
+def test_query_chunking_is_exact(checkpoint_factory):
+    folder = checkpoint_factory("tiny", "fill-mask")
+    ids, mask = batch()
+    ref, ours = reference_and_ours(folder, "fill-mask", ids, mask, chunk=64)
+    assert masked_max_diff(ref, ours, mask) <= TOL
+
+
+def test_sliding_window_matters(checkpoint_factory):
+    """Guards the local mask: dropping it must change the output of a text longer than the window."""
+    folder = checkpoint_factory("tiny", "fill-mask")
+    model, _ = ModernBert.from_pretrained(str(folder))
+    ids, mask = batch(texts=EVAL_TEXTS[6:7])
+    with torch.no_grad():
+        windowed = model(ids, mask)
+        model.config.local_attention = 10 ** 6
+        unwindowed = model(ids, mask)
+    assert (windowed - unwindowed).abs().max() > 1e-2
+
+
+def test_masks_are_float16_safe(checkpoint_factory):
+    model, _ = ModernBert.from_pretrained(str(checkpoint_factory("tiny", "fill-mask")))
+    mask = torch.tensor([[1] * 12 + [0] * 12])                     # longer than the window, half padding
+    g, l = model.mask_biases(mask, torch.float16)
+    assert torch.isfinite(g).all() and torch.isfinite(l).all()
+    assert g.min() == MASK_FILL and l.min() == 2 * MASK_FILL     # a padded key outside the window: still finite
+    out = model.half()(torch.randint(5, 100, (1, 24)), mask.half())
+    assert torch.isfinite(out).all()
+
+
+def test_config_formats_agree(checkpoint_factory):
+    new = ModernBertConfig.from_dict(json.loads((checkpoint_factory("biased") / "config.json").read_text()))
+    old = ModernBertConfig.from_dict(json.loads(
+        (checkpoint_factory("biased", legacy_config=True) / "config.json").read_text()))
+    assert new == old
+    assert new.layer_types == ("full_attention", "sliding_attention", "full_attention")
+    assert new.norm_bias and new.attention_bias and new.mlp_bias and new.classifier_bias
+    assert (new.hidden_size, new.num_attention_heads, new.head_dim, new.local_attention) == (64, 2, 32, 8)
+
+
+def test_released_base_config_reads_without_guessing():
+    cfg = ModernBertConfig.from_dict({"model_type": "modernbert", "hidden_size": 1024, "intermediate_size": 2624,
+                                      "num_hidden_layers": 28, "num_attention_heads": 16,
+                                      "global_attn_every_n_layers": 3, "global_rope_theta": 160000.0,
+                                      "local_rope_theta": 10000.0, "architectures": ["ModernBertForMaskedLM"]})
+    assert cfg.layer_types.count("full_attention") == 10 and cfg.head_dim == 64
+    assert default_task(cfg) == "fill-mask"
+
+
+@pytest.mark.parametrize("task", sorted(TASK_CLASSES))
+def test_default_task_from_architectures(checkpoint_factory, task):
+    model, _ = ModernBert.from_pretrained(str(checkpoint_factory("tiny", task)))
+    assert model.task == task
+
+
+def test_bare_encoder_keys_and_head_keys_of_other_tasks(checkpoint_factory):
+    # ModernBertModel: bare keys; a MaskedLM checkpoint converts as an encoder (its head is known, unused)
+    bare = load_file(str(checkpoint_factory("tiny", "encoder") / "model.safetensors"))
+    assert not any(k.startswith("model.") for k in bare)
+    ModernBert.from_pretrained(str(checkpoint_factory("tiny", "fill-mask")), task="encoder")
+
+
+def test_encoder_checkpoint_has_no_fill_mask_head(checkpoint_factory):
+    with pytest.raises(CheckpointError, match="missing .*head.dense.weight"):
+        ModernBert.from_pretrained(str(checkpoint_factory("tiny", "encoder")), task="fill-mask")
+
+
+def test_tied_decoder_falls_back_to_embeddings(checkpoint_factory):
+    tensors = load_file(str(checkpoint_factory("tiny", "fill-mask") / "model.safetensors"))
+    assert "decoder.weight" not in tensors          # save_pretrained drops the tied weight
+    model, _ = ModernBert.from_pretrained(str(checkpoint_factory("tiny", "fill-mask")))
+    assert torch.equal(model.decoder.weight[:, :, 0, 0], model.embeddings.tok_embeddings.weight)
+
+
+def test_sharded_safetensors(checkpoint_factory, tmp_path):
+    source = checkpoint_factory("tiny", "fill-mask")
+    folder = tmp_path / "sharded"
+    shutil.copytree(source, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate([names[:half], names[half:]]):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: tensors[k].contiguous() for k in part}, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ids, mask = batch(texts=EVAL_TEXTS[:2])
+    ref, ours = reference_and_ours(folder, "fill-mask", ids, mask)
+    assert masked_max_diff(ref, ours, mask) <= TOL
+
+
+def test_sentence_transformers_folder(checkpoint_factory, tmp_path):
+    source = checkpoint_factory("tiny", "encoder")
+    folder = tmp_path / "st"
+    shutil.copytree(source, folder / "0_Transformer")
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    ckpt = resolve_checkpoint(str(folder))
+    assert ckpt.is_sentence_transformers and ckpt.path == folder / "0_Transformer"
+    model, _ = ModernBert.from_pretrained(str(folder))
+    assert model.task == "encoder"
+
+
+def test_unknown_and_missing_keys_are_named(checkpoint_factory, tmp_path):
+    folder = tmp_path / "bad"
+    shutil.copytree(checkpoint_factory("tiny", "fill-mask"), folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.0.attn_norm.weight"] = torch.ones(64)     # layer 0 has no attention norm
+    del tensors["model.layers.2.mlp.Wo.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        ModernBert.from_pretrained(str(folder))
+    assert "model.layers.0.attn_norm.weight" in str(e.value) and "model.layers.2.mlp.Wo.weight" in str(e.value)
+
+
+def test_wrong_shape_is_named(checkpoint_factory, tmp_path):
+    folder = tmp_path / "shape"
+    shutil.copytree(checkpoint_factory("tiny", "fill-mask"), folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.layers.1.mlp.Wi.weight"] = torch.zeros(10, 64)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.Wi.weight"):
+        ModernBert.from_pretrained(str(folder))
+
+
+def test_truncated_safetensors(checkpoint_factory, tmp_path):
+    folder = tmp_path / "truncated"
+    shutil.copytree(checkpoint_factory("tiny", "fill-mask"), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or damaged"):
+        ModernBert.from_pretrained(str(folder))
+
+
+def test_other_model_type(checkpoint_factory, tmp_path):
+    folder = tmp_path / "bert"
+    shutil.copytree(checkpoint_factory("tiny", "fill-mask"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="'bert' model; only 'modernbert'"):
+        ModernBert.from_pretrained(str(folder))
+
+
+def test_missing_path_and_offline_hub():
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        resolve_checkpoint("./does/not/exist")
+    with pytest.raises(CheckpointError, match="cannot download 'answerdotai/ModernBERT-base'.*local checkpoint folder"):
+        resolve_checkpoint("answerdotai/ModernBERT-base")

@@ -1,0 +1,107 @@
+"""rotations/: fused rotations leave the function unchanged and make float16 safe."""
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints import CONFIGS, MASSIVE, OUTLIER_CHANNELS, build_tokenizer
+from evaluation import EVAL_TEXTS, tokenize
+from model import ModernBert, ModernBertConfig, RMSNorm
+from rotations import NoHadamardConstructionError, rotate_model
+from user_errors import run_cli
+import diff_torch
+
+
+def load(folder, task=None):
+    return ModernBert.from_pretrained(str(folder), task=task)[0]
+
+
+def run(model, ids, mask):
+    with torch.no_grad():
+        return model(ids, mask.to(next(model.parameters()).dtype))
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_rotation_preserves_the_function(checkpoint_factory, config, kind):
+    model = load(checkpoint_factory(config, "fill-mask"))
+    ids, mask = tokenize(build_tokenizer(), EVAL_TEXTS, 512)
+    before = run(model, ids, mask)
+    rotated = rotate_model(copy.deepcopy(model), kind, seed=3)
+    after = run(rotated, ids, mask)
+    assert (before - after)[mask.bool()].abs().max() <= 1e-4
+    assert rotated.rotation["kind"] == kind and rotated.rotation["seed"] == 3
+    assert not any(isinstance(b.mlp_norm, torch.nn.LayerNorm) for b in rotated.layers)
+    assert all(isinstance(b.mlp_norm, RMSNorm) for b in rotated.layers)
+
+
+@pytest.mark.parametrize("task", ["encoder", "classify", "token-classify"])
+def test_rotation_preserves_other_heads(checkpoint_factory, task):
+    model = load(checkpoint_factory("biased", task))
+    ids, mask = tokenize(build_tokenizer(), EVAL_TEXTS, 512)
+    before = run(model, ids, mask)
+    after = run(rotate_model(copy.deepcopy(model), "hadamard"), ids, mask)
+    diff = (before - after).abs() if task == "classify" else (before - after)[mask.bool()].abs()
+    assert diff.max() <= 1e-4
+
+
+def test_rotation_is_deterministic_per_seed(checkpoint_factory):
+    model = load(checkpoint_factory("tiny", "fill-mask"))
+    a = rotate_model(copy.deepcopy(model), "hadamard", seed=1).state_dict()
+    b = rotate_model(copy.deepcopy(model), "hadamard", seed=1).state_dict()
+    c = rotate_model(copy.deepcopy(model), "hadamard", seed=2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["layers.1.mlp.Wi.weight"], c["layers.1.mlp.Wi.weight"])
+
+
+def test_size_without_hadamard_names_the_fallback():
+    config = ModernBertConfig(vocab_size=64, hidden_size=92, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, layer_types=("full_attention", "sliding_attention"),
+                              max_position_embeddings=64)
+    model = ModernBert(config).eval()
+    with pytest.raises(NoHadamardConstructionError, match="--rotation random"):
+        rotate_model(copy.deepcopy(model), "hadamard")
+    ids, mask = torch.randint(5, 64, (1, 20)), torch.ones(1, 20)
+    assert (run(model, ids, mask) - run(rotate_model(model, "random"), ids, mask)).abs().max() <= 1e-4
+
+
+def test_rms_norm_survives_float16_with_massive_inputs():
+    x = torch.randn(1, 64, 1, 8, dtype=torch.float64)
+    x[:, 5, :, :3] = 3e4
+    x[:, 17, :, :3] = -2.9e4
+    reference = x / (x.pow(2).mean(1, keepdim=True) + 1e-5).sqrt()
+    norm = RMSNorm(1e-5)
+    out = norm(x.half())
+    assert torch.isfinite(out).all()
+    assert (out.double() - reference).abs().max() < 2e-2
+    assert (x.half() * x.half()).isinf().any()                       # the plain square would have overflowed
+
+
+def diff_json(folder, tmp_path, rotation, precision="float16"):
+    path = tmp_path / f"{rotation}-{precision}.json"
+    with pytest.raises(SystemExit) as e:
+        run_cli(diff_torch.main, [str(folder), "--precision", precision, "--rotation", rotation, "--json", str(path)])
+    assert e.value.code == 0
+    return json.loads(path.read_text())
+
+
+def test_planted_outliers_overflow_float16_unless_rotated(checkpoint_factory, tmp_path):
+    folder = checkpoint_factory("tiny", "fill-mask", outliers=True)
+    plain = diff_json(folder, tmp_path, "none")
+    rotated = diff_json(folder, tmp_path, "hadamard")
+    # the planted checkpoint really carries massive activations, on the delimiter tokens
+    ref_peaks = [row["max_abs_ref"] for row in rotated["layers"]]
+    assert min(ref_peaks) > 0.9 * MASSIVE
+    # unrotated float16: the first norm after the embeddings squares ~3e4 and overflows
+    assert plain["overflow_count"] > 0 and "norm" in plain["first_overflow"]
+    assert plain["top1_agreement"] < 0.99
+    # rotated float16: nothing anywhere (inside norms included) leaves the float16 range
+    assert rotated["nonfinite"] == 0 and rotated["overflow_count"] == 0 and rotated["first_overflow"] is None
+    assert rotated["top1_agreement"] >= 0.99
+    # the largest activation per layer shrinks by about sqrt(hidden) / (number of massive channels)
+    expected = math.sqrt(CONFIGS["tiny"]["hidden_size"]) / len(OUTLIER_CHANNELS)
+    for row in rotated["layers"]:
+        assert 0.6 * expected <= row["max_abs_ref"] / row["max_abs"] <= 1.4 * expected, row
