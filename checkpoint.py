@@ -76,7 +76,7 @@ def _read_modules(root: Path) -> list:
     modules_file = root / "modules.json"
     if not modules_file.is_file():
         return []
-    modules = _read_json(modules_file)
+    modules = read_json(modules_file)
     if not isinstance(modules, list):
         raise CheckpointError(f"{modules_file} is not a sentence-transformers modules list")
     return modules
@@ -95,14 +95,14 @@ def read_config(folder: Path) -> dict:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{folder} has no config.json; is it a checkpoint folder?")
-    config = _read_json(config_file)
+    config = read_json(config_file)
     model_type = config.get("model_type")
     if model_type != "modernbert":
         raise CheckpointError(f"{config_file} describes a '{model_type}' model; only 'modernbert' is supported")
     return config
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -113,7 +113,7 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint, in shard order."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise CheckpointError(f"{index} names missing shard(s): {', '.join(missing)}")

@@ -28,18 +28,23 @@ from ane_readiness import Readiness
 from checkpoint import DEFAULT_MODEL
 from evaluation import EVAL_TEXTS, distribution_metrics, cosine_metrics, load_tokenizer, tokenize
 from mlpackage import BACKENDS, PROJECT_VERSION, PackageRunner, write_metadata
-from model import TASKS, ModernBert
+from model import POOLED_TASKS, TASKS, ModernBert
 from quiet_coremltools import import_coremltools
 from rotations import ROTATION_KINDS, rotate_model
 from user_errors import UserError, run_cli
 
-OUTPUT_NAMES = {"fill-mask": "logits", "encoder": "hidden_states", "classify": "logits", "token-classify": "logits"}
+OUTPUT_NAMES = {"fill-mask": "logits", "encoder": "hidden_states", "classify": "logits", "token-classify": "logits",
+                "embed": "embeddings"}
 OUTPUT_DESCRIPTIONS = {
     "fill-mask": "masked-LM logits over the vocabulary, (1, S, vocab)",
     "encoder": "last hidden states (after the final norm), (1, S, hidden)",
-    "classify": "sequence classification logits, (1, labels); labels in the metadata",
+    "classify": "sequence classification logits, (1, K, labels): one row per packed text; labels in the metadata",
     "token-classify": "per-token classification logits, (1, S, labels); labels in the metadata",
+    "embed": "sentence embeddings (pooling, dense, normalization included), (1, K, dim): one row per packed text",
 }
+MASK_DESCRIPTION = {False: "1 for a token, 0 for padding, int32",
+                    True: "which packed text a token belongs to (1..K, texts contiguous and in order), 0 for "
+                          "padding, int32; a single text is all 1s"}
 # Enumerated shapes on two inputs need iOS 18 / macOS 15; a single fixed length runs from iOS 17 / macOS 14.
 TARGETS = {"macOS15": ("macOS15", True), "iOS18": ("iOS18", True), "macOS14": ("macOS14", False),
            "iOS17": ("iOS17", False)}
@@ -59,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deployment-target", choices=sorted(TARGETS), default="macOS15",
                    help="minimum OS (default macOS15 = iOS18 ops; macOS14/iOS17 only for a single --seq-len)")
     p.add_argument("--query-chunk", type=int, help="global attention in query chunks of N tokens (single --seq-len)")
+    p.add_argument("--max-texts", type=int, default=1, metavar="K",
+                   help="pack up to K texts into one prediction (attention_mask carries segment ids; default 1)")
     p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the checkpoint's own)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("-o", "--output", help="output .mlpackage (default: named from model, task, rotation, lengths)")
@@ -87,6 +94,8 @@ def validate(args) -> list[int]:
                         f"--deployment-target macOS15 or iOS18 (not {args.deployment_target})")
     if args.query_chunk is not None and (args.query_chunk < 1 or len(lengths) > 1):
         raise UserError("--query-chunk needs a positive size and a single --seq-len")
+    if not 1 <= args.max_texts <= min(lengths) // 2:
+        raise UserError(f"--max-texts must be between 1 and {min(lengths) // 2} (each text needs [CLS] and [SEP])")
     return lengths
 
 
@@ -153,7 +162,7 @@ def describe(mlmodel, model: ModernBert, ckpt, tokenizer, tokenizer_source: str,
                                  f"sequence lengths {', '.join(map(str, lengths))}")
     mlmodel.version = PROJECT_VERSION
     mlmodel.input_description["input_ids"] = "token ids from the model's tokenizer ([CLS] ... [SEP], then [PAD]), int32"
-    mlmodel.input_description["attention_mask"] = "1 for a token, 0 for padding, int32"
+    mlmodel.input_description["attention_mask"] = MASK_DESCRIPTION[model.max_texts > 1]
     mlmodel.output_description[OUTPUT_NAMES[model.task]] = OUTPUT_DESCRIPTIONS[model.task]
     labels = None
     if model.task in ("classify", "token-classify"):
@@ -169,7 +178,11 @@ def describe(mlmodel, model: ModernBert, ckpt, tokenizer, tokenizer_source: str,
         "compute_units": "CPU_AND_NE", "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
         "sep_token_id": tokenizer.sep_token_id, "mask_token_id": tokenizer.mask_token_id, "labels": labels,
         "problem_type": problem if model.task == "classify" else None,
-        "classifier_pooling": cfg.classifier_pooling if model.task == "classify" else None,
+        "pooling": model.pooling if model.task in POOLED_TASKS else None,
+        "max_texts": model.max_texts,
+        "embedding_dim": model.sentence_head.dense[-1].out_channels if model.task == "embed" and
+        len(model.sentence_head.dense) else (cfg.hidden_size if model.task == "embed" else None),
+        "normalized": model.sentence_head.normalize if model.task == "embed" else None,
     })
 
 
@@ -205,12 +218,12 @@ def check_package(package: Path, model: ModernBert, tokenizer, lengths: list[int
         if not np.isfinite(out).all():
             raise UserError(f"correctness check failed at {length} tokens: the package computes non-finite values "
                             f"(try --rotation hadamard, or --skip-check to keep it anyway)")
-        if model.task == "classify":
-            rows_ref, rows = ref, out
+        if model.task in POOLED_TASKS:
+            rows_ref, rows = ref[:, 0], out[:, 0]                     # the first (only) text of each run
         else:
             valid = mask.numpy().astype(bool)
             rows_ref, rows = ref[valid], out[valid]
-        if model.task == "encoder":
+        if model.task in ("encoder", "embed"):
             score = cosine_metrics(rows_ref, rows)["cosine_min"]
             ok, what = score >= CHECK_MIN_COSINE, f"cosine_min {score:.5f} (threshold {CHECK_MIN_COSINE})"
         else:
@@ -245,8 +258,8 @@ def save_atomically(mlmodel, output: Path, force: bool, finish) -> None:
 
 def quiet_conversion() -> None:
     """Tracing and coremltools warn about things that are expected here (Python control flow fixed at
-    trace time, numpy casts in constant folding) and draw several progress bars; the steps above say enough."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    trace time, numpy casts in constant folding). coremltools' own progress bars stay: conversion is the
+    slowest step."""
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"coremltools\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"coremltools\..*")
@@ -260,7 +273,8 @@ def main(argv) -> int:
         check_output(Path(args.output), None, args.force)
     steps = Progress(6 - args.skip_check - (args.rotation == "none"))
     steps.start(f"loading {args.model}")
-    model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision)
+    model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision,
+                                             max_texts=args.max_texts)
     tokenizer = load_tokenizer(ckpt, args.tokenizer)
     tokenizer_source = args.tokenizer or (ckpt.source if ckpt.revision or not Path(ckpt.source).exists()
                                           else str(ckpt.root))

@@ -11,13 +11,12 @@ import argparse
 import sys
 
 import numpy as np
-import torch
 
 from checkpoint import resolve_checkpoint
 from evaluation import (EVAL_TEXTS, check_output_path, format_metrics, format_table, load_tokenizer, output_metrics,
-                        reference_model, tokenize, write_json)
+                        reference_model, reference_outputs, tokenize, write_json)
 from mlpackage import BACKENDS, PackageRunner, input_lengths, read_metadata
-from model import FLOAT16_MAX, ModernBertConfig
+from model import FLOAT16_MAX, MASK_FILL, POOLED_TASKS, ModernBertConfig
 from user_errors import UserError, run_cli
 
 
@@ -48,8 +47,13 @@ class OverflowWatch:
         if value.dtype.kind != "f" or value.size == 0:
             return
         finite = np.isfinite(value)
-        bad = int((~finite).sum() + (np.abs(value[finite]) > FLOAT16_MAX).sum())
-        peak = float(np.abs(value[finite]).max()) if finite.any() else float("inf")
+        magnitude = np.abs(value[finite])
+        bad = int((~finite).sum() + (magnitude > FLOAT16_MAX).sum())
+        # the additive masks (multiples of model.MASK_FILL) are not activations: leave them out of the peak
+        activation = magnitude[~((magnitude >= -MASK_FILL) & (np.mod(magnitude, -MASK_FILL) == 0))]
+        peak = float(activation.max()) if activation.size else 0.0
+        if not finite.all():
+            peak = float("inf")
         self.max_abs[op_name] = max(self.max_abs.get(op_name, 0.0), peak)
         self.overflow[op_name] = self.overflow.get(op_name, 0) + bad
 
@@ -91,17 +95,18 @@ def main(argv) -> int:
         length = next((n for n in lengths if n >= n_tokens), lengths[-1])
         ids, mask = tokenize(tokenizer, [text], length, pad_to=length)
         print(f"  text {i + 1}/{len(EVAL_TEXTS)}: {min(n_tokens, length)} tokens at length {length}", file=sys.stderr)
-        with torch.no_grad():
-            out = ref_model(input_ids=ids.long(), attention_mask=mask)
-        ref = (out.last_hidden_state if task == "encoder" else out.logits).float().numpy()
+        ref = reference_outputs(ref_model, task, ids, mask, ckpt)["output"]     # (1, S, V) or (1, L) pooled
         ours = runner.predict({"input_ids": ids.numpy(), "attention_mask": mask.numpy()},
-                              observe=watch.observe if watch else None)[output_name].reshape(ref.shape)
+                              observe=watch.observe if watch else None)[output_name]
+        if task in POOLED_TASKS:
+            ours = ours[:, 0]                                                  # (1, K, L) -> the text's row
         text_metrics = output_metrics(task, ref, ours, mask.numpy())
         rows.append({"text": i + 1, "tokens": min(n_tokens, length), "length": length, **text_metrics})
-        refs.append(ref.reshape(-1, ref.shape[-1]) if task != "classify" else ref)
-        outs.append(ours.reshape(-1, ours.shape[-1]) if task != "classify" else ours)
-        masks.append(mask.numpy().reshape(-1) if task != "classify" else np.ones(1))
-    if task == "classify":
+        pooled = task in POOLED_TASKS
+        refs.append(ref if pooled else ref.reshape(-1, ref.shape[-1]))
+        outs.append(ours if pooled else ours.reshape(-1, ours.shape[-1]))
+        masks.append(np.ones(1) if pooled else mask.numpy().reshape(-1))
+    if task in POOLED_TASKS:
         metrics = output_metrics(task, np.concatenate(refs), np.concatenate(outs), np.ones(len(refs)))
     else:
         flat_mask = np.concatenate(masks)[None]

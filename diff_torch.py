@@ -16,7 +16,7 @@ import torch
 from evaluation import (EVAL_TEXTS, check_output_path, compare_rows, format_metrics, format_table, load_tokenizer,
                         output_metrics, overflow_metrics, reference_model, reference_outputs, tokenize, write_json)
 from checkpoint import DEFAULT_MODEL
-from model import TASKS, ActivationProbe, ModernBert
+from model import POOLED_TASKS, TASKS, ActivationProbe, ModernBert
 from rotations import ROTATION_KINDS, rotate_model
 from user_errors import UserError, run_cli
 
@@ -56,6 +56,7 @@ def run_model(model: ModernBert, input_ids, attention_mask, dtype) -> tuple[dict
     for h in hooks:
         h.remove()
     arrays = {k: channels_last(v) for k, v in captured.items()}
+    out = out[:, 0] if model.task in POOLED_TASKS else out                  # (B, K=1, L) -> (B, L)
     arrays["output"] = out.detach().float().numpy()
     return arrays, probe
 
@@ -81,7 +82,7 @@ def module_rows(model: ModernBert, ref: dict, ours: dict, mask: np.ndarray) -> l
         reference = ref[key] if model.rotation is None else centred(ref[key])
         rows.append(compare_rows(label, reference, residual_to_reference(model, ours[key]), mask))
     rows.append(compare_rows("encoder (final norm)", ref["encoder"], ours["encoder"], mask))
-    if model.task == "classify":
+    if model.task in POOLED_TASKS:
         ones = np.ones((ref["output"].shape[0], 1))
         rows.append(compare_rows("head (logits)", ref["output"][:, None], ours["output"][:, None], ones))
     else:
@@ -118,7 +119,7 @@ def main(argv) -> int:
     mask = attention_mask.numpy()
     print(f"running transformers (float32) and this model ({args.precision}) on {len(EVAL_TEXTS)} texts, "
           f"{int(mask.sum())} tokens, up to {input_ids.shape[1]} per text ...", file=sys.stderr)
-    ref = reference_outputs(reference_model(ckpt, model.task), model.task, input_ids, attention_mask)
+    ref = reference_outputs(reference_model(ckpt, model.task), model.task, input_ids, attention_mask, ckpt)
     ours, probe = run_model(model, input_ids, attention_mask, dtype)
 
     metrics = output_metrics(model.task, ref["output"], ours["output"], mask)

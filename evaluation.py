@@ -80,7 +80,7 @@ def reference_model(ckpt: Checkpoint, task: str):
     """transformers' own ModernBERT for the same checkpoint and task, float32, eager attention."""
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    classes = {"fill-mask": "ModernBertForMaskedLM", "encoder": "ModernBertModel",
+    classes = {"fill-mask": "ModernBertForMaskedLM", "encoder": "ModernBertModel", "embed": "ModernBertModel",
                "classify": "ModernBertForSequenceClassification",
                "token-classify": "ModernBertForTokenClassification"}
     cls = getattr(transformers, classes[task])
@@ -91,10 +91,39 @@ def reference_model(ckpt: Checkpoint, task: str):
     return model.eval()
 
 
-def reference_outputs(ref, task: str, input_ids, attention_mask) -> dict:
+def sentence_embeddings(ckpt: Checkpoint, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers' semantics on transformers' last hidden state (B, S, C) -> (B, D): the
+    folder's Pooling (cls or masked mean), Dense layers (activation(linear)) and Normalize, as
+    sentence_transformers.models computes them; a plain checkpoint pools by its classifier_pooling."""
+    from checkpoint import load_state_dict, read_json
+    modules = sorted(ckpt.modules, key=lambda m: int(m.get("idx", 0))) or [
+        {"type": "Pooling", "pooling": ckpt.config.get("classifier_pooling", "cls")}]
+    x = hidden
+    for module in modules:
+        kind = module["type"].rsplit(".", 1)[-1]
+        folder = ckpt.root / module.get("path", "")
+        if kind == "Pooling":
+            cfg = read_json(folder / "config.json") if "pooling" not in module else {}
+            if module.get("pooling") == "cls" or cfg.get("pooling_mode_cls_token"):
+                x = x[:, 0]
+            else:
+                m = attention_mask.to(x.dtype).unsqueeze(-1)
+                x = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        elif kind == "Dense":
+            cfg = read_json(folder / "config.json")
+            w = load_state_dict(folder)
+            act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh").rsplit(".", 1)[-1]
+            x = getattr(torch.nn, act)()(torch.nn.functional.linear(x, w["linear.weight"], w.get("linear.bias")))
+        elif kind == "Normalize":
+            x = torch.nn.functional.normalize(x, p=2, dim=1)
+    return x
+
+
+def reference_outputs(ref, task: str, input_ids, attention_mask, ckpt: Checkpoint | None = None) -> dict:
     """The reference's task output and its intermediates, all as float32 (B, S, C) arrays:
-    'embeddings', 'layers.i', 'encoder' (final norm output), 'output' (the task output)."""
-    base = ref if task == "encoder" else ref.model
+    'embeddings', 'layers.i', 'encoder' (final norm output), 'output' (the task output; (B, L) or (B, D)
+    for pooled tasks). `ckpt` is needed for embed (its sentence-transformers modules)."""
+    base = ref if task in ("encoder", "embed") else ref.model
     captured = {}
     hooks = [base.embeddings.register_forward_hook(lambda m, i, o: captured.__setitem__("embeddings", o)),
              base.final_norm.register_forward_hook(lambda m, i, o: captured.__setitem__("encoder", o))]
@@ -107,7 +136,11 @@ def reference_outputs(ref, task: str, input_ids, attention_mask) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    captured["output"] = out.last_hidden_state if task == "encoder" else out.logits
+    if task == "embed":
+        with torch.no_grad():
+            captured["output"] = sentence_embeddings(ckpt, out.last_hidden_state, attention_mask)
+    else:
+        captured["output"] = out.last_hidden_state if task == "encoder" else out.logits
     return {k: v.detach().float().numpy() for k, v in captured.items()}
 
 
@@ -143,14 +176,14 @@ def cosine_metrics(ref: np.ndarray, ours: np.ndarray) -> dict:
 
 def output_metrics(task: str, ref: np.ndarray, ours: np.ndarray, attention_mask: np.ndarray) -> dict:
     """The final metrics for a task output, over non-padding tokens (or per text for classify)."""
-    if task == "classify":
+    if task in ("classify", "embed"):
         rows_ref, rows = ref, ours
     else:
         valid = attention_mask.astype(bool)
         rows_ref, rows = ref[valid], ours[valid]
     metrics = {"max_abs_diff": float(np.nan_to_num(np.abs(rows - rows_ref), nan=np.inf).max()),
                "nonfinite": int((~np.isfinite(ours)).sum())}
-    if task == "encoder":
+    if task in ("encoder", "embed"):
         metrics.update(cosine_metrics(rows_ref, rows))
     else:
         metrics.update(distribution_metrics(rows_ref, rows))

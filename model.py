@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import Checkpoint, CheckpointError, load_state_dict, resolve_checkpoint
+from checkpoint import Checkpoint, CheckpointError, load_state_dict, read_json, resolve_checkpoint
 
 MASK_FILL = -1e4            # float16-safe "minus infinity": exp(-1e4) == 0, and -2e4 (two masks added) is finite
 FLOAT16_MAX = 65504.0
-TASKS = ("fill-mask", "encoder", "classify", "token-classify")
+TASKS = ("fill-mask", "encoder", "classify", "token-classify", "embed")
+POOLED_TASKS = ("classify", "embed")        # one output row per text; per-token tasks: one per token
 ARCHITECTURE_TASKS = {
     "ModernBertForMaskedLM": "fill-mask",
     "ModernBertModel": "encoder",
@@ -217,11 +218,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(theta: float, head_dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of RoPE, (1, 1, D, S), in transformers' layout (frequencies repeated over both halves)."""
+    """cos and sin of RoPE per position, (L, D), in transformers' layout (frequencies repeated over both
+    halves). Precomputed in float32: angles up to 8192 rad have no precision left in float16."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.arange(length, dtype=torch.float32)[None, :] * inv_freq[:, None]   # (D/2, S)
-    angles = torch.cat([angles, angles], dim=0)                                       # (D, S)
-    return angles.cos()[None, None], angles.sin()[None, None]
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]   # (L, D/2)
+    angles = torch.cat([angles, angles], dim=1)                                       # (L, D)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
@@ -326,21 +328,54 @@ class PredictionHead(nn.Module):
         return self.norm(self.act(self.dense(x)))                             # (B, C, 1, S)
 
 
+class SentenceHead(nn.Module):
+    """The sentence-embedding head of a sentence-transformers folder (or of a plain checkpoint):
+    pooling, optional Dense layers with their activations, optional L2 normalization."""
+
+    def __init__(self, pooling: str, dense: list[tuple[int, int, bool, str]] = (), normalize: bool = False):
+        super().__init__()
+        self.pooling, self.normalize = pooling, normalize
+        self.dense = nn.ModuleList(conv1x1(i, o, bias) for i, o, bias, _ in dense)
+        self.dense_activations = [act for *_, act in dense]
+
+    def forward(self, pooled):                                                 # (B, C, 1, K)
+        x = pooled
+        for conv, act in zip(self.dense, self.dense_activations):
+            x = DENSE_ACTIVATIONS[act](conv(x))                                # (B, D, 1, K)
+        return l2_normalize(x) if self.normalize else x
+
+
+DENSE_ACTIVATIONS = {"Identity": lambda x: x, "Tanh": torch.tanh, "ReLU": F.relu, "GELU": F.gelu,
+                     "Sigmoid": torch.sigmoid}
+
+
+def l2_normalize(x):
+    """x / ||x|| over channels, float16-safe: scaled by max|x| first so the sum of squares stays <= C."""
+    m = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-4)                     # (B, 1, 1, K)
+    y = x / m
+    return y * torch.rsqrt((y * y).sum(dim=1, keepdim=True))                  # (B, D, 1, K)
+
+
 class ModernBert(nn.Module):
     """The encoder and one task head. forward(input_ids (B, S), attention_mask (B, S)) returns
-    fill-mask: logits (B, S, V); encoder: hidden_states (B, S, C);
-    classify: logits (B, num_labels); token-classify: logits (B, S, num_labels)."""
+    fill-mask: logits (B, S, V); encoder: hidden_states (B, S, C); token-classify: logits (B, S, L);
+    classify: logits (B, K, L); embed: embeddings (B, K, D), with K = max_texts.
 
-    def __init__(self, config: ModernBertConfig, task: str = "fill-mask"):
+    attention_mask: 1 for a token, 0 for padding. With max_texts K > 1 it carries segment ids
+    instead (1..K: which packed text a token belongs to, texts contiguous and in order): positions
+    restart per text, attention is block-diagonal, pooled tasks return one row per text."""
+
+    def __init__(self, config: ModernBertConfig, task: str = "fill-mask", max_texts: int = 1,
+                 sentence_head: SentenceHead | None = None):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"unknown task '{task}' (one of {', '.join(TASKS)})")
-        self.config, self.task = config, task
+        self.config, self.task, self.max_texts = config, task, max_texts
         C = config.hidden_size
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = LayerNorm(C, config.norm_eps, config.norm_bias, "final_norm")
-        self.final_proj = None        # set by rotations/ when no head conv can absorb the final norm's weight
+        self.final_proj = None        # set by rotations/: the final norm's weight and the rotation back, as a conv
         self.rotation = None          # set by rotations/: description of the folded rotation (kind, seed, matrix)
         if task in ("fill-mask", "classify", "token-classify"):
             self.head = PredictionHead(config)
@@ -348,33 +383,63 @@ class ModernBert(nn.Module):
             self.decoder = conv1x1(C, config.vocab_size, config.decoder_bias)
         elif task in ("classify", "token-classify"):
             self.classifier = conv1x1(C, config.num_labels, True)
+        elif task == "embed":
+            self.sentence_head = sentence_head or SentenceHead(config.classifier_pooling)
         for theta, kind in ((config.global_rope_theta, "global"), (config.local_rope_theta, "local")):
             cos, sin = rope_tables(theta, config.head_dim, config.max_position_embeddings)
-            self.register_buffer(f"{kind}_cos", cos, persistent=False)
+            self.register_buffer(f"{kind}_cos", cos, persistent=False)        # (L, D)
             self.register_buffer(f"{kind}_sin", sin, persistent=False)
+
+    @property
+    def pooling(self) -> str:
+        return self.sentence_head.pooling if self.task == "embed" else self.config.classifier_pooling
 
     def set_query_chunk(self, chunk: int | None) -> None:
         """Process global attention in query chunks of this size: scores stay (S, 1, chunk) per head."""
         for block in self.layers:
             block.attn.query_chunk = chunk if block.attn.is_global else None
 
-    def mask_biases(self, attention_mask: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Additive masks built in the graph from the (B, S) 1/0 mask: keys on axis 1, queries on axis 3."""
+    def segments(self, attention_mask):
+        """One-hot text membership (B, K, S) int32 and each token's position within its text (B, S).
+        Integer arithmetic: counts and positions up to 8192 are not exact in float16."""
+        seg = attention_mask.to(torch.int32)                                    # (B, S)
+        ids = torch.arange(1, self.max_texts + 1, dtype=torch.int32, device=seg.device)
+        onehot = (seg[:, None, :] == ids[None, :, None]).to(torch.int32)       # (B, K, S)
+        counts = onehot.sum(dim=2)                                             # (B, K)
+        starts = torch.cumsum(counts, dim=1) - counts                          # (B, K): first index of each text
+        first = (onehot * starts[:, :, None]).sum(dim=1)                       # (B, S): its text's first index
+        positions = torch.arange(seg.shape[1], dtype=torch.int32, device=seg.device)[None, :] - first
+        return onehot, positions
+
+    def mask_biases(self, attention_mask, dtype):
+        """Additive masks built in the graph from the (B, S) mask: keys on axis 1, queries on axis 3."""
         S = attention_mask.shape[1]
-        pad = (1.0 - attention_mask.to(dtype)) * MASK_FILL                      # (B, S)
-        global_bias = pad[:, :, None, None]                                    # (B, S, 1, 1): broadcasts over queries
-        pos = torch.arange(S, device=attention_mask.device)                    # built from S: stays correct at every length
-        far = (pos[:, None] - pos[None, :]).abs() > self.config.window_radius  # (S, S)
+        if self.max_texts == 1:
+            keep = attention_mask.to(dtype)[:, :, None, None]                  # (B, S, 1, 1): broadcasts over queries
+        else:                                                                  # a text sees its own tokens only
+            seg = attention_mask.to(torch.int32)
+            same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)   # (B, S_k, S_q)
+            keep = same.to(dtype)[:, :, None, :]                               # (B, S, 1, S)
+        global_bias = (1.0 - keep) * MASK_FILL
+        pos = torch.arange(S, device=attention_mask.device)                    # built from S: right at every length
+        far = (pos[:, None] - pos[None, :]).abs() > self.config.window_radius  # (S, S); within a text |i-j| = |p_i-p_j|
         local_bias = global_bias + (far.to(dtype) * MASK_FILL)[None, :, None, :]   # (B, S, 1, S)
         return global_bias, local_bias
 
-    def encode(self, input_ids, attention_mask):
-        """The final-norm output (B, C, 1, S): in the rotated basis when rotated (see final_proj)."""
+    def rope(self, kind: str, positions, S: int, dtype):
+        cos, sin = getattr(self, f"{kind}_cos"), getattr(self, f"{kind}_sin")   # (L, D)
+        if positions is None:                                                  # unpacked: positions 0..S-1, a slice
+            return cos[:S].t()[None, None].to(dtype), sin[:S].t()[None, None].to(dtype)   # (1, 1, D, S)
+        return (F.embedding(positions.long(), cos).transpose(1, 2)[:, None].to(dtype),    # (B, 1, D, S)
+                F.embedding(positions.long(), sin).transpose(1, 2)[:, None].to(dtype))
+
+    def encode(self, input_ids, attention_mask, positions=None):
+        """The encoder's output (B, C, 1, S), transformers' last hidden state (rotated models undo their
+        rotation in final_proj)."""
         S = input_ids.shape[1]
         h, x = self.embeddings(input_ids)                                      # 2 x (B, C, 1, S)
         global_bias, local_bias = self.mask_biases(attention_mask, x.dtype)
-        rope = {kind: (getattr(self, f"{kind}_cos")[..., :S].to(x.dtype), getattr(self, f"{kind}_sin")[..., :S].to(x.dtype))
-                for kind in ("global", "local")}
+        rope = {kind: self.rope(kind, positions, S, x.dtype) for kind in ("global", "local")}
         for i, block in enumerate(self.layers):
             kind = "global" if block.attn.is_global else "local"
             x = block(x, *rope[kind], global_bias if kind == "global" else local_bias, h if i == 0 else None)
@@ -384,39 +449,51 @@ class ModernBert(nn.Module):
         return x
 
     def forward(self, input_ids, attention_mask):
-        x = self.encode(input_ids, attention_mask)                            # (B, C, 1, S)
+        onehot, positions = self.segments(attention_mask) if (self.max_texts > 1 or self.task in POOLED_TASKS) \
+            else (None, None)
+        x = self.encode(input_ids, attention_mask, positions if self.max_texts > 1 else None)   # (B, C, 1, S)
+        if self.task in POOLED_TASKS:
+            x = self.pool(x, onehot, positions)                                # (B, C, 1, K)
         if self.task == "encoder":
             return x.squeeze(2).transpose(1, 2)                                # (B, S, C)
-        if self.task == "classify":
-            x = self.pool(x, attention_mask)                                   # (B, C, 1, 1)
+        if self.task == "embed":
+            return self.sentence_head(x).squeeze(2).transpose(1, 2)            # (B, K, D)
         x = self.head(x)
-        x = self.decoder(x) if self.task == "fill-mask" else self.classifier(x)   # (B, V or L, 1, S or 1)
-        x = probe("logits", x)
-        if self.task == "classify":
-            return x.flatten(1)                                                # (B, L)
-        return x.squeeze(2).transpose(1, 2)                                    # (B, S, V or L)
+        x = self.decoder(x) if self.task == "fill-mask" else self.classifier(x)   # (B, V or L, 1, S or K)
+        return probe("logits", x).squeeze(2).transpose(1, 2)                  # (B, S or K, V or L)
 
-    def pool(self, x, attention_mask):
-        if self.config.classifier_pooling == "cls":
-            return x[..., :1]                                                  # (B, C, 1, 1)
-        m = attention_mask.to(x.dtype)[:, None, None, :]                       # (B, 1, 1, S)
-        return (x * m).sum(dim=3, keepdim=True) / m.sum(dim=3, keepdim=True)   # (B, C, 1, 1)
+    def pool(self, x, onehot, positions):
+        """One vector per text: its first token ([CLS]) or the mean over its tokens. (B, C, 1, K)"""
+        if self.pooling == "cls":
+            weights = onehot * (positions == 0).to(torch.int32)[:, None, :]   # (B, K, S)
+            weights = weights.to(x.dtype)
+        elif self.pooling == "mean":
+            counts = onehot.sum(dim=2, keepdim=True).clamp(min=1)              # (B, K, 1), int32
+            weights = onehot.to(x.dtype) / counts.to(x.dtype)                  # 1/n first: the sum stays <= max|x|
+        else:
+            raise ValueError(f"unknown pooling '{self.pooling}'")
+        return torch.einsum("bcs,bks->bck", x.squeeze(2), weights)[:, :, None, :]   # (B, C, 1, K)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, task: str | None = None, revision: str | None = None):
+    def from_pretrained(cls, name_or_path: str, task: str | None = None, revision: str | None = None,
+                        max_texts: int = 1):
         """Load a hub id or local folder; returns (model, checkpoint). Fails loudly on any key mismatch."""
         ckpt = resolve_checkpoint(name_or_path, revision)
-        return cls.from_checkpoint(ckpt, task), ckpt
+        return cls.from_checkpoint(ckpt, task, max_texts), ckpt
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, task: str | None = None):
+    def from_checkpoint(cls, ckpt: Checkpoint, task: str | None = None, max_texts: int = 1):
         config = ModernBertConfig.from_dict(ckpt.config)
-        task = task or default_task(config)
-        model = cls(config, task)
-        model.load_checkpoint_weights(load_state_dict(ckpt.path), str(ckpt.path))
+        task = task or ("embed" if ckpt.is_sentence_transformers else default_task(config))
+        if task == "embed":
+            head, head_weights = sentence_head_from_checkpoint(ckpt, config)
+        model = cls(config, task, max_texts, head if task == "embed" else None)
+        extra = {f"sentence_head.{k}": v for k, v in head_weights.items()} if task == "embed" else {}
+        model.load_checkpoint_weights(load_state_dict(ckpt.path), str(ckpt.path), extra)
         return model.eval()
 
-    def load_checkpoint_weights(self, tensors: dict, where: str) -> None:
+    def load_checkpoint_weights(self, tensors: dict, where: str, extra_state: dict | None = None) -> None:
+        """Map the checkpoint's tensors onto our modules (plus `extra_state`, already in our names)."""
         prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
         key_map = checkpoint_key_map(self.config, self.task, prefix)
         known_elsewhere = {src for src in head_keys(self.config, prefix)}      # other tasks' heads: known, unused
@@ -436,7 +513,47 @@ class ModernBert(nn.Module):
             if tuple(t.shape) != tuple(expected):
                 raise CheckpointError(f"weight {src} in {where} has shape {tuple(t.shape)}, expected {tuple(expected)}")
             state[dst] = t.float()
-        self.load_state_dict(state, strict=True)
+        self.load_state_dict({**state, **(extra_state or {})}, strict=True)
+
+
+ST_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}
+ST_MODULES = "sentence_transformers.models."
+
+
+def sentence_head_from_checkpoint(ckpt: Checkpoint, config: ModernBertConfig) -> tuple[SentenceHead, dict]:
+    """The SentenceHead of a sentence-transformers folder (modules.json: Transformer, Pooling, Dense...,
+    Normalize) and its weights; for a plain checkpoint, the config's classifier_pooling alone."""
+    if not ckpt.is_sentence_transformers:
+        return SentenceHead(config.classifier_pooling), {}
+    pooling, dense, normalize, weights = None, [], False, {}
+    for module in sorted(ckpt.modules, key=lambda m: int(m.get("idx", 0))):
+        kind, folder = module.get("type", ""), ckpt.root / module.get("path", "")
+        if kind == ST_MODULES + "Transformer":
+            continue
+        if kind == ST_MODULES + "Pooling":
+            cfg = read_json(folder / "config.json")
+            modes = [ST_POOLING.get(k, k) for k, v in cfg.items() if k.startswith("pooling_mode") and v]
+            if len(modes) != 1 or modes[0] not in ("cls", "mean") or cfg.get("include_prompt") is False:
+                raise CheckpointError(f"{folder}: pooling {modes} is not supported (cls or mean, one mode)")
+            pooling = modes[0]
+        elif kind == ST_MODULES + "Dense":
+            cfg = read_json(folder / "config.json")
+            act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh").rsplit(".", 1)[-1]
+            if act not in DENSE_ACTIVATIONS:
+                raise CheckpointError(f"{folder}: Dense activation {act} is not supported")
+            tensors = load_state_dict(folder)
+            i = len(dense)
+            weights[f"dense.{i}.weight"] = tensors["linear.weight"][:, :, None, None].float()
+            if cfg.get("bias", True):
+                weights[f"dense.{i}.bias"] = tensors["linear.bias"].float()
+            dense.append((int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg.get("bias", True)), act))
+        elif kind == ST_MODULES + "Normalize":
+            normalize = True
+        else:
+            raise CheckpointError(f"sentence-transformers module {kind} is not supported")
+    if pooling is None:
+        raise CheckpointError(f"{ckpt.root / 'modules.json'} has no Pooling module")
+    return SentenceHead(pooling, dense, normalize), weights
 
 
 def _some(keys: list, n: int = 5) -> str:
@@ -475,7 +592,7 @@ def encoder_key_map(config: ModernBertConfig, prefix: str) -> dict:
 
 def task_head_key_map(config: ModernBertConfig, task: str) -> dict:
     """Our parameter name -> the checkpoint's, for a task head (these keys never carry the model. prefix)."""
-    if task == "encoder":
+    if task in ("encoder", "embed"):
         return {}
     m = {"head.dense.weight": "head.dense.weight", "head.norm.weight": "head.norm.weight"}
     if config.classifier_bias:

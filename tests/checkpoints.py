@@ -151,3 +151,36 @@ def plant_outliers(model, cls_id: int, sep_id: int, channels=OUTLIER_CHANNELS, s
     norms += [layer.attn_norm for layer in base.layers[1:]]
     for norm in norms:
         norm.weight[ch] = 1e-3 * norm.weight[ch].sign()
+
+
+def build_sentence_transformers(folder, config: str = "tiny", pooling: str = "mean", dense_out: int | None = 32,
+                                normalize: bool = True, seed: int = 0):
+    """Save a sentence-transformers folder the way modernbert-embed / gte-modernbert are laid out:
+    the transformer at the root, then 1_Pooling, optionally 2_Dense (Tanh) and 3_Normalize."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    build_checkpoint(folder, config, "encoder", seed)
+    hidden = CONFIGS[config]["hidden_size"]
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": hidden, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}))
+    if dense_out:
+        g = torch.Generator().manual_seed(seed + 7)
+        (folder / "2_Dense").mkdir()
+        (folder / "2_Dense" / "config.json").write_text(json.dumps({
+            "in_features": hidden, "out_features": dense_out, "bias": True,
+            "activation_function": "torch.nn.modules.activation.Tanh"}))
+        save_file({"linear.weight": 0.2 * torch.randn(dense_out, hidden, generator=g),
+                   "linear.bias": 0.1 * torch.randn(dense_out, generator=g)},
+                  str(folder / "2_Dense" / "model.safetensors"), metadata={"format": "pt"})
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    if normalize:
+        modules.append({"idx": len(modules), "name": str(len(modules)), "path": f"{len(modules)}_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
+    return folder

@@ -54,7 +54,8 @@ def _quiet_convert(*args, **kwargs):
 
 def convert_torch(module, examples, inputs, path, target=ct.target.macOS15):
     module = module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace deprecation / tracer warnings
         traced = torch.jit.trace(module, examples)
     ml = _quiet_convert(traced, inputs=inputs, convert_to="mlprogram", compute_precision=FP16,
                         minimum_deployment_target=target)
@@ -74,17 +75,35 @@ def proto_ops(path, function="main"):
     return list(f.block_specializations[f.opset].operations)
 
 
+def _const_strings(ops):
+    return {op.outputs[0].name: op.attributes["val"].immediateValue.tensor.strings.values[0]
+            for op in ops if op.type == "const" and op.attributes["val"].immediateValue.tensor.strings.values}
+
+
 def cast_targets(path):
     """dtype strings of every cast op in the package."""
+    ops = proto_ops(path)
+    strings = _const_strings(ops)
     out = []
-    for op in proto_ops(path):
+    for op in ops:
         if op.type == "cast":
             arg = op.inputs["dtype"].arguments[0]
             if arg.WhichOneof("binding") == "value":
                 out.append(arg.value.immediateValue.tensor.strings.values[0])
             else:
-                out.append(arg.name)
+                out.append(strings[arg.name])
     return out
+
+
+def gather_index_dtypes(path):
+    """MIL dtype names of the `indices` of every gather whose `x` is a constant table."""
+    from coremltools.proto import MIL_pb2
+
+    ops = proto_ops(path)
+    consts = {op.outputs[0].name for op in ops if op.type == "const"}
+    dtypes = {o.name: MIL_pb2.DataType.Name(o.type.tensorType.dataType) for op in ops for o in op.outputs}
+    return [dtypes.get(op.inputs["indices"].arguments[0].name, "INT32") for op in ops
+            if op.type == "gather" and op.inputs["x"].arguments[0].name in consts]
 
 
 # --------------------------------------------------------------------------------------
@@ -205,8 +224,8 @@ def test_encoder_matches_torch_at_both_enumerated_lengths(encoder, seq_len):
 
 def test_embedding_gather_has_no_int16_wrap(encoder):
     model, path, emu = encoder
-    # vocab 50368 > 32767: coremltools must keep the gather indices int32 ...
-    assert not any(t in ("int16", "uint16") for t in cast_targets(path) if t)
+    # vocab 50368 > 32767: coremltools keeps the embedding gather indices int32 ...
+    assert gather_index_dtypes(path) == ["INT32"]
     ids, mask = _encoder_inputs(8)
     gathered = {}
 
@@ -365,12 +384,12 @@ def test_int16_index_cast_is_reported_not_wrapped(token_major):
     ids, mask = _tok_inputs()
     ids[0, 2] = 40000  # fits int32, not int16
     # macOS15 (iOS17+): coremltools narrows the small-vocab gather indices to int16
-    assert "int16" in cast_targets(p18)
+    assert "int16" in cast_targets(p18) and gather_index_dtypes(p18) == ["INT16"]
     with pytest.raises(EmulationError) as e:
         MLProgramEmulator(p18).predict({"input_ids": ids, "attention_mask": mask})
     assert "cast" in str(e.value) and "40000" in str(e.value) and "int16" in str(e.value)
     # iOS16: no int16 cast; the out-of-range gather index itself is reported
-    assert "int16" not in cast_targets(p16)
+    assert "int16" not in cast_targets(p16) and gather_index_dtypes(p16) == ["INT32"]
     with pytest.raises(EmulationError) as e:
         MLProgramEmulator(p16).predict({"input_ids": ids, "attention_mask": mask})
     assert "gather" in str(e.value) and "40000" in str(e.value)
@@ -554,7 +573,7 @@ def test_mil_data_movement_and_reduction_ops(tmp_path):
             mb.matmul(x=x, y=x, transpose_x=False, transpose_y=True),
             mb.linear(x=x, weight=np.linspace(-1, 1, 30).reshape(5, 6).astype(np.float32),
                       bias=np.arange(5, dtype=np.float32)),
-            mb.einsum(values=(x, x), equation="bij,bkj->bik"),
+            mb.einsum(values=(x, mb.transpose(x=x, perm=[2, 1, 0])), equation="chw,whu->chu"),
             mb.sliding_windows(x=x, axis=2, size=3, stride=2),
             mb.layer_norm(x=x, axes=[-1], gamma=np.linspace(0.5, 1.5, 6).astype(np.float32),
                           beta=np.linspace(-1, 1, 6).astype(np.float32), epsilon=1e-5),
@@ -613,7 +632,7 @@ def test_mil_data_movement_and_reduction_ops(tmp_path):
         np.prod(f16(f16(xd * 0.1) + 1.0).astype(np.float64), axis=2), xd.mean(),
         np.argmin(xd, axis=1)[:, None, :],
         xd.transpose(0, 2, 1) @ xd, xd @ xd.transpose(0, 2, 1),
-        xd @ np.linspace(-1, 1, 30).reshape(5, 6).T + np.arange(5), np.einsum("bij,bkj->bik", xd, xd),
+        xd @ np.linspace(-1, 1, 30).reshape(5, 6).T + np.arange(5), np.einsum("chw,whu->chu", xd, xd.transpose(2, 1, 0)),
         sw, ln, bn, e0 / e0.sum(0), xd.reshape(8, 6),
     ]
     assert len(out) == len(refs)
@@ -623,6 +642,39 @@ def test_mil_data_movement_and_reduction_ops(tmp_path):
             np.testing.assert_array_equal(got, ref, err_msg=f"output {k} ({emu.output_names[k]})")
         else:
             assert_fp16_close(got, ref, tol=4e-3, name=f"output {k} ({emu.output_names[k]})")
+
+
+def test_dynamic_shape_ops_with_range_dim(tmp_path):
+    from coremltools.converters.mil.mil import get_new_symbol
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(get_new_symbol(), 4))], opset_version=ct.target.iOS18)
+    def prog(x):
+        shp = mb.shape(x=x)
+        rows = mb.gather(x=shp, indices=0, axis=0)
+        return (
+            mb.range_1d(start=0, end=rows, step=1),
+            mb.add(x=x, y=mb.fill(shape=shp, value=2.5)),
+            mb.reshape(x=x, shape=mb.concat(values=[mb.mul(x=rows, y=2), 2], axis=0)),
+            mb.fill_like(ref_tensor=x, value=1.0),
+        )
+
+    ml = _quiet_convert(prog, convert_to="mlprogram", compute_precision=FP16,
+                        minimum_deployment_target=ct.target.macOS15,
+                        inputs=[ct.TensorType(name="x", shape=(ct.RangeDim(1, 10, default=3), 4))])
+    path = str(tmp_path / "dynamic.mlpackage")
+    ml.save(path)
+    emu = MLProgramEmulator(path)
+    assert emu.input_specs()["x"]["shape_range"] == [(1, 10), (4, 4)]
+    assert {"shape", "range_1d", "fill", "fill_like", "reshape"} <= set(emu.op_type_counts())
+    for n in (1, 7):
+        x = f16(np.random.RandomState(n).randn(n, 4))
+        r, y, z, ones = emu.predict({"x": x}).values()
+        np.testing.assert_array_equal(r, np.arange(n))
+        assert_fp16_close(y, x + 2.5, tol=2e-3)
+        np.testing.assert_array_equal(z, x.reshape(2 * n, 2))
+        np.testing.assert_array_equal(ones, np.ones((n, 4)))
+    with pytest.raises(ValueError, match=r"x has shape \(11, 4\)"):
+        emu.predict({"x": np.ones((11, 4), np.float32)})
 
 
 # --------------------------------------------------------------------------------------
@@ -664,8 +716,9 @@ def test_float16_overflow_becomes_inf_and_is_observed(numerics_pkg):
                           int(np.sum(~np.isfinite(value))))
 
     out = emu.predict({"x": x, "s": s}, observe=observe)
-    assert seen["times_300"][0] == "mul"
-    assert seen["times_300"][2] == 300  # the first row overflowed to inf
+    (mul_name,) = [n for n in seen if n.startswith("times_300")]  # coremltools appends "_cast_fp16"
+    assert seen[mul_name][0] == "mul"
+    assert seen[mul_name][2] == 300  # the first row overflowed to inf
     big = out[emu.output_names[3]]
     assert np.all(np.isposinf(big[0])) and np.all(big[1] == 150.0)
     # float32 outputs are exactly float16-representable
@@ -744,8 +797,6 @@ def _compressed_reference(path, x):
     h = x.astype(np.float64)
     for k, (wname, wval, bias) in enumerate(w["_linears"]):
         weight = w.get(wname, wval)
-        if weight is None:  # sparse joint compression: dense weight produced by sparse_to_dense
-            weight = w[wname]
         h = f16(h @ np.asarray(weight, np.float64).T + (0 if bias is None else bias)).astype(np.float64)
         if k == 0:
             h = np.maximum(h, 0)
@@ -764,7 +815,8 @@ def _compress(mlp, target, how):
     import coremltools.optimize.coreml as cto
 
     model, x = mlp
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, x)
     ml = _quiet_convert(traced, inputs=[ct.TensorType(name="x", shape=x.shape)], convert_to="mlprogram",
                         compute_precision=FP16, minimum_deployment_target=target)
@@ -778,7 +830,7 @@ def _compress(mlp, target, how):
                 mode="linear", weight_threshold=0)))
         if how == "int4_blockwise":
             return cto.linear_quantize_weights(ml, cfg(global_config=cto.OpLinearQuantizerConfig(
-                mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=16,
+                mode="linear", dtype="int4", granularity="per_block", block_size=16,
                 weight_threshold=0)))
         if how == "palettize4":
             return cto.palettize_weights(ml, cfg(global_config=cto.OpPalettizerConfig(
@@ -816,26 +868,94 @@ def test_compressed_weights_match_coremltools_decompression(mlp, tmp_path, targe
     assert_fp16_close(got, _compressed_reference(path, f16(x)), tol=5e-3, name=how)
 
 
-def test_vector_lut_to_dense_matches_coremltools(tmp_path):
-    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import constexpr_lut_to_dense
+@pytest.mark.parametrize("rows,cols", [(4, 6), (2, 3)])  # (2, 3): sub-byte values stored inline, not in weight.bin
+def test_vector_lut_and_int4_shift_scale_match_coremltools(tmp_path, rows, cols):
+    from coremltools.converters.mil.mil.ops.defs.iOS18.compression import (
+        constexpr_blockwise_shift_scale,
+        constexpr_lut_to_dense,
+    )
 
     rng = np.random.RandomState(4)
-    indices = rng.randint(0, 4, (4, 6)).astype(types.np_uint2_dtype)
-    lut = f16(rng.randn(2, 1, 4, 2))  # 2 row blocks, one column block, 4 entries, vectors of 2
+    indices = rng.randint(0, 4, (rows, cols)).astype(types.np_uint2_dtype)
+    lut = rng.randn(2, 1, 4, 2).astype(np.float16)  # 2 row blocks, 1 column block, 4 entries, vectors of 2
+    q = rng.randint(-8, 8, (rows, cols)).astype(types.np_int4_dtype)
+    scale = (0.1 + rng.rand(rows, 1)).astype(np.float16)
+    offset = rng.randint(-2, 3, (rows, 1)).astype(types.np_int4_dtype)
 
-    @mb.program(input_specs=[mb.TensorSpec(shape=(3, 6))], opset_version=ct.target.iOS18)
+    @mb.program(input_specs=[mb.TensorSpec(shape=(3, cols))], opset_version=ct.target.iOS18)
     def prog(x):
-        w = mb.constexpr_lut_to_dense(indices=indices, lut=lut.astype(np.float16), vector_axis=0)  # (8, 6)
-        return mb.linear(x=x, weight=w)
+        w_lut = mb.constexpr_lut_to_dense(indices=indices, lut=lut, vector_axis=0)  # (2 * rows, cols)
+        w_q = mb.constexpr_blockwise_shift_scale(data=q, scale=scale, offset=offset)  # (rows, cols)
+        return mb.linear(x=x, weight=w_lut), mb.linear(x=x, weight=w_q)
 
-    path = convert_mil(prog, tmp_path / "veclut.mlpackage")
+    path = convert_mil(prog, tmp_path / "inline.mlpackage")
     emu = MLProgramEmulator(path)
-    assert "constexpr_lut_to_dense" in emu.op_type_counts()
-    x = f16(rng.randn(3, 6))
-    dense = constexpr_lut_to_dense.decompress(indices, lut.astype(np.float16), 0).astype(np.float64)
-    assert dense.shape == (8, 6)
-    (got,) = emu.predict({"x": x}).values()
-    assert_fp16_close(got, x.astype(np.float64) @ dense.T, tol=4e-3, name="vector lut")
+    assert {"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"} <= set(emu.op_type_counts())
+    x = f16(rng.randn(3, cols))
+    dense_lut = constexpr_lut_to_dense.decompress(indices, lut, 0).astype(np.float64)
+    dense_q = constexpr_blockwise_shift_scale.decompress(q, scale, offset).astype(np.float64)
+    assert dense_lut.shape == (2 * rows, cols)
+    got_lut, got_q = emu.predict({"x": x}).values()
+    assert_fp16_close(got_lut, x @ dense_lut.T, tol=4e-3, name="vector lut")
+    assert_fp16_close(got_q, x @ dense_q.T, tol=4e-3, name="int4 shift/scale")
+
+
+def test_multifunction_package_selects_function(mlp, numerics_pkg, tmp_path):
+    model, x = mlp
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, x)
+    mlp_path = str(tmp_path / "mlp.mlpackage")
+    _quiet_convert(traced, inputs=[ct.TensorType(name="x", shape=x.shape)], convert_to="mlprogram",
+                   compute_precision=FP16, minimum_deployment_target=ct.target.macOS15).save(mlp_path)
+    desc = ct.utils.MultiFunctionDescriptor()
+    desc.add_function(mlp_path, "main", "mlp")
+    desc.add_function(numerics_pkg, "main", "numerics")
+    desc.default_function_name = "mlp"
+    multi = str(tmp_path / "multi.mlpackage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ct.utils.save_multifunction(desc, multi)
+
+    default = MLProgramEmulator(multi)  # "main" falls back to the default function
+    assert default.function_name == "mlp" and default.input_names == ["x"]
+    assert default.input_specs()["x"]["shape"] == (4, 64)
+    (got,) = default.predict({"x": x.numpy()}).values()
+    with torch.no_grad():
+        assert_fp16_close(got, model(x).numpy(), tol=1e-2, name="multifunction mlp")
+    other = MLProgramEmulator(multi, function_name="numerics")
+    assert other.input_names == ["x", "s"]
+    assert other.input_specs()["s"]["shape"] == (2, 300)
+    assert "layer_norm" in other.op_type_counts()
+
+
+def test_fast_float16_rounding_is_bit_exact():
+    rng = np.random.RandomState(5)
+    x = (rng.randn(200000) * 10.0 ** rng.randint(-12, 8, 200000)).astype(np.float32)
+    edge = np.array([65504, 65519.99, 65520, 65536, -65520, 1e9, np.inf, -np.inf, np.nan, 2.0 ** -24,
+                     2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14, 2.0 ** -14 * (1 - 2.0 ** -12), 1e-8, 0.0, -0.0,
+                     1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11], np.float32)
+    x = np.concatenate([x, edge, -edge])
+    with np.errstate(all="ignore"):
+        expected = x.astype(np.float16).astype(np.float32)
+    got = emu_mod._f16(x)
+    np.testing.assert_array_equal(got, expected)
+    assert np.array_equal(np.signbit(got), np.signbit(expected))
+    assert emu_mod._f16(np.float32(70000.0)).shape == ()
+
+
+def test_required_op_types_are_supported():
+    required = """const conv linear matmul einsum add sub mul real_div floor_div pow maximum minimum mod abs sqrt
+        rsqrt inverse exp log sin cos tanh erf sigmoid relu gelu silu softmax layer_norm l2_norm reduce_mean
+        reduce_sum reduce_max reduce_min reduce_prod reduce_l2_norm reduce_sum_square reduce_argmax clip select
+        greater greater_equal less less_equal equal not_equal logical_and logical_or logical_not logical_xor cast
+        gather gather_nd gather_along_axis scatter concat split slice_by_index slice_by_size reshape expand_dims
+        squeeze transpose tile range_1d shape fill fill_like identity cumsum band_part topk one_hot pad stack sign
+        round floor ceil square threshold batch_norm instance_norm scaled_dot_product_attention
+        constexpr_affine_dequantize constexpr_lut_to_dense constexpr_sparse_to_dense
+        constexpr_blockwise_shift_scale constexpr_cast""".split()
+    missing = set(required) - set(emu_mod.supported_op_types())
+    assert not missing
 
 
 # --------------------------------------------------------------------------------------

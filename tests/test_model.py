@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoint import CheckpointError, resolve_checkpoint
-from checkpoints import CONFIGS, TASK_CLASSES, build_tokenizer
-from evaluation import EVAL_TEXTS, reference_model, tokenize
+from checkpoints import CONFIGS, TASK_CLASSES, build_sentence_transformers, build_tokenizer
+from evaluation import EVAL_TEXTS, reference_model, sentence_embeddings, tokenize
 from model import MASK_FILL, ModernBert, ModernBertConfig, default_task
 
 TOL = 1e-4
@@ -23,6 +23,8 @@ def reference_and_ours(folder, task, input_ids, attention_mask, chunk=None):
         out = ref(input_ids=input_ids, attention_mask=attention_mask)
         ref_out = out.last_hidden_state if task == "encoder" else out.logits
         ours = model(input_ids, attention_mask)
+    if task == "classify":
+        ours = ours[:, 0]                                          # (B, K=1, L) -> transformers' (B, L)
     return ref_out, ours
 
 
@@ -164,17 +166,23 @@ def test_sharded_safetensors(checkpoint_factory, tmp_path):
     assert masked_max_diff(ref, ours, mask) <= TOL
 
 
-def test_sentence_transformers_folder(checkpoint_factory, tmp_path):
-    source = checkpoint_factory("tiny", "encoder")
-    folder = tmp_path / "st"
-    shutil.copytree(source, folder / "0_Transformer")
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+@pytest.mark.parametrize("pooling,dense,normalize", [("mean", 32, True), ("cls", None, False)])
+def test_sentence_transformers_folder(tmp_path, pooling, dense, normalize):
+    """Embeddings follow sentence-transformers' semantics: pooling, Dense, Normalize."""
+    folder = build_sentence_transformers(tmp_path / "st", "biased", pooling, dense, normalize)
     ckpt = resolve_checkpoint(str(folder))
-    assert ckpt.is_sentence_transformers and ckpt.path == folder / "0_Transformer"
+    assert ckpt.is_sentence_transformers and ckpt.path == folder
     model, _ = ModernBert.from_pretrained(str(folder))
-    assert model.task == "encoder"
+    assert model.task == "embed"
+    ids, mask = batch()
+    ref_model = reference_model(ckpt, "embed")
+    with torch.no_grad():
+        ref = sentence_embeddings(ckpt, ref_model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        ours = model(ids, mask)[:, 0]                              # (B, K=1, D)
+    assert ours.shape == (len(EVAL_TEXTS), dense or 64)
+    assert (ref - ours).abs().max() <= TOL
+    if normalize:
+        assert torch.allclose(ours.norm(dim=1), torch.ones(len(EVAL_TEXTS)), atol=1e-5)
 
 
 def test_unknown_and_missing_keys_are_named(checkpoint_factory, tmp_path):
@@ -223,3 +231,42 @@ def test_missing_path_and_offline_hub():
         resolve_checkpoint("./does/not/exist")
     with pytest.raises(CheckpointError, match="cannot download 'answerdotai/ModernBERT-base'.*local checkpoint folder"):
         resolve_checkpoint("answerdotai/ModernBERT-base")
+
+
+def pack(tokenizer, texts):
+    """One row holding every text, attention_mask = segment ids (1..K), then padding."""
+    rows = [tokenizer(t)["input_ids"] for t in texts]
+    ids = sum(rows, [])
+    seg = sum(([k + 1] * len(r) for k, r in enumerate(rows)), [])
+    pad = 8
+    return (torch.tensor([ids + [tokenizer.pad_token_id] * pad]), torch.tensor([seg + [0] * pad]),
+            [len(r) for r in rows])
+
+
+@pytest.mark.parametrize("task", ["fill-mask", "token-classify", "classify", "embed"])
+def test_packed_texts_equal_separate_runs(checkpoint_factory, tmp_path, task):
+    """Positions restart per text, attention is block-diagonal (the sliding window included: texts
+    are longer than the window, so windows reach across segment borders), pooling is per text."""
+    if task == "embed":
+        folder = build_sentence_transformers(tmp_path / "st", "tiny", "mean", 32, True)
+    else:
+        folder = checkpoint_factory("tiny", task, config_overrides={"classifier_pooling": "mean"})
+    texts = [EVAL_TEXTS[2], EVAL_TEXTS[3], EVAL_TEXTS[4]]
+    tokenizer = build_tokenizer()
+    ids, seg, lengths = pack(tokenizer, texts)
+    assert min(lengths) > CONFIGS["tiny"]["local_attention"]
+    packed_model, _ = ModernBert.from_pretrained(str(folder), max_texts=4)
+    single_model, _ = ModernBert.from_pretrained(str(folder))
+    with torch.no_grad():
+        packed = packed_model(ids, seg)
+        start = 0
+        for k, (text, n) in enumerate(zip(texts, lengths)):
+            one_ids, one_mask = tokenize(tokenizer, [text], 512)
+            alone = single_model(one_ids, one_mask)
+            if task in ("classify", "embed"):
+                assert (packed[0, k] - alone[0, 0]).abs().max() <= TOL
+            else:
+                assert (packed[0, start:start + n] - alone[0]).abs().max() <= TOL
+            start += n
+        if task in ("classify", "embed"):
+            assert torch.isfinite(packed).all()                     # the unused 4th slot too

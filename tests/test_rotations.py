@@ -38,13 +38,13 @@ def test_rotation_preserves_the_function(checkpoint_factory, config, kind):
     assert all(isinstance(b.mlp_norm, RMSNorm) for b in rotated.layers)
 
 
-@pytest.mark.parametrize("task", ["encoder", "classify", "token-classify"])
+@pytest.mark.parametrize("task", ["encoder", "classify", "token-classify", "embed"])
 def test_rotation_preserves_other_heads(checkpoint_factory, task):
-    model = load(checkpoint_factory("biased", task))
+    model = load(checkpoint_factory("biased", "encoder" if task == "embed" else task), task)
     ids, mask = tokenize(build_tokenizer(), EVAL_TEXTS, 512)
     before = run(model, ids, mask)
     after = run(rotate_model(copy.deepcopy(model), "hadamard"), ids, mask)
-    diff = (before - after).abs() if task == "classify" else (before - after)[mask.bool()].abs()
+    diff = (before - after).abs() if task in ("classify", "embed") else (before - after)[mask.bool()].abs()
     assert diff.max() <= 1e-4
 
 

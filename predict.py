@@ -1,0 +1,403 @@
+"""Run a converted package on texts and print what it predicts.
+
+    python predict.py model.mlpackage "The capital of France is [MASK]."
+    python predict.py classifier.mlpackage "great film" "dull film" --json
+    python predict.py embedder.mlpackage "a cat on a mat" --labels animals,finance,sport
+    python predict.py model.mlpackage --file texts.txt --pack          # one text per line
+
+Reads the package's metadata (task, tokenizer, lengths, labels) written by convert.py, tokenizes
+each text ([CLS] ... [SEP]), runs it at the smallest length the package accepts that fits (Core ML
+on macOS, the float16 emulator elsewhere) and prints, per task: the top-k tokens at every [MASK]
+(fill-mask), the labels with their probabilities (classify), a label per token (token-classify),
+the embedding and cosine similarities (embed), or the hidden states' shape and norms (encoder).
+--pack puts several texts into one prediction (segment ids in attention_mask); results are the same.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mlpackage import BACKENDS, PackageError, PackageRunner, input_lengths, read_metadata
+from user_errors import UserError, run_cli
+
+TASKS = ("fill-mask", "encoder", "classify", "token-classify", "embed")
+POOLED = ("classify", "embed")                     # one output row per text; the rest: one row per token
+DEFAULT_OUTPUTS = {"fill-mask": "logits", "encoder": "hidden_states", "classify": "logits",
+                   "token-classify": "logits", "embed": "embeddings"}
+SHOW_VALUES = 8                                    # embedding values shown (all of them with --json)
+SHOW_TOKENS = 16                                   # encoder tokens whose norm is shown (all with --json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("package", help="a .mlpackage written by convert.py")
+    p.add_argument("texts", nargs="*", help="texts to run (default: --file, or stdin; '-' reads stdin)")
+    p.add_argument("--file", help="read the texts from this file, one per line (blank lines skipped)")
+    p.add_argument("--top-k", type=int, default=5, help="fill-mask: tokens shown per [MASK] (default 5)")
+    p.add_argument("--labels", help="embed: comma-separated label texts to rank by cosine similarity (zero-shot)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="Core ML (macOS) or the float16 emulator (default auto: Core ML where it exists)")
+    p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the one named in the package)")
+    p.add_argument("--truncate", action="store_true", help="truncate texts longer than the package's largest length")
+    p.add_argument("--pack", action="store_true", help="put several texts into one prediction (faster for short texts)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def package_metadata(path: str) -> dict:
+    """The package's metadata, with a known task (PackageError for a missing or foreign path)."""
+    meta = read_metadata(path)
+    if meta["task"] not in TASKS:
+        raise PackageError(f"{path} has task '{meta['task']}', which predict.py does not know "
+                           f"(one of {', '.join(TASKS)}); is this predict.py older than the converter?")
+    return meta
+
+
+def parse_labels(labels: str | None, task: str) -> list[str] | None:
+    if labels is None:
+        return None
+    if task != "embed":
+        raise UserError(f"--labels needs an embed package (zero-shot by cosine similarity); this one is {task}")
+    names = [name.strip() for name in labels.split(",") if name.strip()]
+    if not names:
+        raise UserError("--labels is empty; give comma-separated label texts, e.g. --labels sport,politics")
+    return names
+
+
+def max_texts_per_prediction(meta: dict, pack: bool) -> int:
+    """How many texts one prediction may hold: 1 unpacked, the package's max_texts packed. Only a package
+    converted with --max-texts K > 1 reads segment ids in attention_mask (and restarts positions per
+    text); any other reads a 2 as a token mask, so packing it would silently mix the texts."""
+    if not pack:
+        return 1
+    max_texts = int(meta.get("max_texts") or 1)
+    if max_texts < 2:
+        what = f"several {meta['task']} results" if meta["task"] in POOLED else "several texts"
+        raise UserError(f"--pack needs a package that takes {what} per prediction; this one takes 1 "
+                        f"(convert it with --max-texts N)")
+    return max_texts
+
+
+def split_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def read_texts(args) -> list[str]:
+    """The texts: arguments, --file, or stdin ('-', or no arguments with stdin not a terminal)."""
+    if args.file and args.texts:
+        raise UserError("give texts as arguments or with --file, not both")
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UserError(f"no such file: {path}")
+        try:
+            texts = split_lines(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    elif args.texts == ["-"] or (not args.texts and not sys.stdin.isatty()):
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+        try:
+            texts = split_lines(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"stdin is not UTF-8 text (byte {e.start})") from e
+    else:
+        texts = list(args.texts)
+    if not texts:
+        raise UserError("no texts: give them as arguments, with --file PATH, or on stdin")
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise UserError(f"text {i + 1} is empty")
+    return texts
+
+
+def load_tokenizer(source: str | None):
+    """AutoTokenizer for the package's tokenizer (or --tokenizer), with the special tokens we need."""
+    if not source:
+        raise UserError("the package names no tokenizer; pass --tokenizer ID_OR_FOLDER")
+    import transformers
+    transformers.utils.logging.set_verbosity_error()     # no "sequence longer than model_max_length" chatter
+    hint = "; pass --tokenizer with a hub id or folder that has the model's tokenizer"
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(f"cannot load the tokenizer '{source}' ({type(e).__name__}: {reason}){hint}") from e
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"the tokenizer '{source}' has no pad token{hint}")
+    return tokenizer
+
+
+def encode(tokenizer, text: str, what: str, limit: int, truncate: bool) -> list[int]:
+    """Token ids of one text ([CLS] ... [SEP]), at most `limit` of them (truncated keeping [SEP], or refused).
+    `what` names the text in messages ("text 2", "label 'sport'")."""
+    ids = list(tokenizer(text)["input_ids"])
+    if len(ids) > limit:
+        if not truncate:
+            raise UserError(f"{what} is {len(ids)} tokens, {len(ids) - limit} too many for the package's "
+                            f"largest length {limit}; shorten it or pass --truncate")
+        print(f"{what}: truncated from {len(ids)} to {limit} tokens", file=sys.stderr)
+        ids = ids[:limit - 1] + ids[-1:]
+    return ids
+
+
+def mask_token_id(tokenizer, meta: dict) -> int:
+    mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else meta.get("mask_token_id")
+    if mask_id is None:
+        raise UserError("neither the tokenizer nor the package names a [MASK] token")
+    return int(mask_id)
+
+
+# ----------------------------------------------------------------------------- running
+
+def pack_groups(sizes: list[int], limit: int, max_texts: int) -> list[list[int]]:
+    """Greedy: consecutive texts share a prediction while their tokens fit in `limit` and they are at most max_texts."""
+    groups, used = [], 0
+    for i, size in enumerate(sizes):
+        if groups and used + size <= limit and len(groups[-1]) < max_texts:
+            groups[-1].append(i)
+            used += size
+        else:
+            groups.append([i])
+            used = size
+    return groups
+
+
+def make_inputs(seqs: list[list[int]], length: int, pad_id: int) -> dict:
+    """input_ids and attention_mask (1, length) int32: the texts one after the other, then padding.
+    attention_mask is the text's segment id (1, 2, ...; just 1 for a single text) and 0 on padding."""
+    ids = np.full((1, length), pad_id, dtype=np.int32)
+    mask = np.zeros((1, length), dtype=np.int32)
+    start = 0
+    for segment, seq in enumerate(seqs, start=1):
+        ids[0, start:start + len(seq)] = seq
+        mask[0, start:start + len(seq)] = segment
+        start += len(seq)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def run_all(runner, meta: dict, seqs: list[list[int]], lengths: list[int], pad_id: int, max_texts):
+    """(per text {'rows': its output, (tokens, X) or pooled (X,); 'length': its prediction's length},
+    number of predictions run)."""
+    task, name = meta["task"], meta.get("output") or DEFAULT_OUTPUTS[meta["task"]]
+    results = [None] * len(seqs)
+    groups = pack_groups([len(s) for s in seqs], lengths[-1], max_texts)
+    for group in groups:
+        total = sum(len(seqs[i]) for i in group)
+        length = next(n for n in lengths if n >= total)
+        outputs = runner.predict(make_inputs([seqs[i] for i in group], length, pad_id))
+        if name not in outputs:
+            raise UserError(f"the package has no output '{name}' (it has {', '.join(sorted(outputs))})")
+        out = outputs[name]
+        if task in POOLED:
+            rows = out.reshape(-1, out.shape[-1])                    # (1, X) or (1, K, X) -> (K, X)
+            if rows.shape[0] < len(group):
+                raise UserError(f"the package returned {rows.shape[0]} {task} results for {len(group)} packed texts")
+            for k, i in enumerate(group):
+                results[i] = {"rows": rows[k], "length": length}
+        else:
+            start = 0
+            for i in group:
+                results[i] = {"rows": out[0, start:start + len(seqs[i])], "length": length}
+                start += len(seqs[i])
+    return results, len(groups)
+
+
+# ----------------------------------------------------------------------------- per task
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """What a vocabulary entry reads as; ids past the tokenizer's vocabulary (padding rows) by number."""
+    if token_id >= len(tokenizer):
+        return f"<id {token_id}>"
+    return tokenizer.decode([token_id])
+
+
+def fill_mask_result(rows, ids, tokenizer, mask_id: int, top_k: int) -> dict:
+    masks = []
+    for position in [i for i, t in enumerate(ids) if t == mask_id]:
+        probs = softmax(rows[position])
+        top = np.argsort(-probs, kind="stable")[:top_k]
+        masks.append({"position": position, "predictions": [
+            {"id": int(t), "token": token_text(tokenizer, int(t)), "probability": float(probs[t])} for t in top]})
+    return {"masks": masks}
+
+
+def classify_result(row, meta: dict) -> dict:
+    labels = meta.get("labels") or [f"LABEL_{i}" for i in range(len(row))]
+    problem = meta.get("problem_type") or "single_label_classification"
+    row = np.asarray(row, dtype=np.float64)
+    if problem == "regression":
+        scores = row
+    elif problem == "multi_label_classification":
+        scores = 1.0 / (1.0 + np.exp(-row))
+    else:
+        scores = softmax(row)
+    order = np.argsort(-scores, kind="stable")
+    return {"problem_type": problem, "logits": [float(v) for v in row],
+            "labels": [{"label": labels[i], "score": float(scores[i])} for i in order]}
+
+
+def token_classify_result(rows, ids, tokenizer, meta: dict) -> dict:
+    names = meta.get("labels") or [f"LABEL_{i}" for i in range(rows.shape[-1])]
+    special = set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    probs = softmax(rows)
+    out = []
+    for i, (token_id, token) in enumerate(zip(ids, tokens)):
+        if token_id in special:
+            continue
+        best = int(np.argmax(probs[i]))
+        out.append({"position": i, "token": token, "label": names[best], "score": float(probs[i, best])})
+    return {"tokens": out}
+
+
+def encoder_result(rows, full: bool) -> dict:
+    rows = np.asarray(rows, dtype=np.float64)
+    result = {"shape": list(rows.shape), "norms": [float(v) for v in np.linalg.norm(rows, axis=-1)]}
+    if full:
+        result["hidden_states"] = rows.tolist()
+    return result
+
+
+def embed_result(row, full: bool) -> dict:
+    row = np.asarray(row, dtype=np.float64)
+    result = {"dimension": int(row.shape[-1]), "norm": float(np.linalg.norm(row)),
+              "first_values": [float(v) for v in row[:SHOW_VALUES]]}
+    if full:
+        result["embedding"] = [float(v) for v in row]
+    return result
+
+
+def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-30)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-30)
+    return a @ b.T
+
+
+def zero_shot(text_rows: np.ndarray, label_rows: np.ndarray, labels: list[str]) -> list[list[dict]]:
+    """Per text, the labels ranked by cosine similarity of their embeddings."""
+    sims = cosine_matrix(text_rows, label_rows)
+    return [[{"label": labels[j], "cosine": float(row[j])} for j in np.argsort(-row, kind="stable")] for row in sims]
+
+
+# ----------------------------------------------------------------------------- output
+
+def format_text(result: dict, index: int, task: str) -> str:
+    """The human-readable block of one text."""
+    lines = [f"[{index + 1}] {result['text']}", f"    ({result['num_tokens']} tokens, length {result['length']})"]
+    if task == "fill-mask":
+        for mask in result["masks"]:
+            lines.append(f"    [MASK] at token {mask['position']}:")
+            lines += [f"      {p['probability']:.4f}  {json.dumps(p['token'], ensure_ascii=False)}"
+                      for p in mask["predictions"]]
+    elif task == "classify":
+        width = max(len(l["label"]) for l in result["labels"])
+        what = "value" if result["problem_type"] == "regression" else "probability"
+        lines.append(f"    {'label'.ljust(width)}  {what}")
+        lines += [f"    {l['label'].ljust(width)}  {l['score']:.4f}" for l in result["labels"]]
+    elif task == "token-classify":
+        width = max([len(t["token"]) for t in result["tokens"]] + [5])
+        label_width = max([len(t["label"]) for t in result["tokens"]] + [5])
+        lines += [f"    {t['token'].ljust(width)}  {t['label'].ljust(label_width)}  {t['score']:.4f}"
+                  for t in result["tokens"]]
+    elif task == "encoder":
+        norms = result["norms"][:SHOW_TOKENS]
+        more = f" (first {SHOW_TOKENS} of {len(result['norms'])}; --json for all)" if len(result["norms"]) > SHOW_TOKENS else ""
+        lines.append(f"    hidden states {result['shape'][0]} x {result['shape'][1]}; L2 norm per token{more}:")
+        lines.append("    " + " ".join(f"{v:.2f}" for v in norms))
+    elif task == "embed":
+        lines.append(f"    dimension {result['dimension']}, L2 norm {result['norm']:.4f}")
+        lines.append("    first values: " + " ".join(f"{v:+.4f}" for v in result["first_values"]))
+        if "labels" in result:
+            width = max(len(l["label"]) for l in result["labels"])
+            lines.append(f"    {'label'.ljust(width)}  cosine")
+            lines += [f"    {l['label'].ljust(width)}  {l['cosine']:+.4f}" for l in result["labels"]]
+    return "\n".join(lines)
+
+
+def format_similarity(matrix: list[list[float]]) -> str:
+    n = len(matrix)
+    lines = ["cosine similarity:", "      " + " ".join(f"[{j + 1}]".rjust(7) for j in range(n))]
+    lines += [f"  [{i + 1}]".ljust(6) + " ".join(f"{v:+.4f}".rjust(7) for v in row) for i, row in enumerate(matrix)]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1 (got {args.top_k})")
+    meta = package_metadata(args.package)
+    task = meta["task"]
+    labels = parse_labels(args.labels, task)
+    max_texts = max_texts_per_prediction(meta, args.pack)
+    texts = read_texts(args)
+    tokenizer = load_tokenizer(args.tokenizer or meta.get("tokenizer"))
+    lengths = input_lengths(args.package)
+    seqs = [encode(tokenizer, text, f"text {i + 1}", lengths[-1], args.truncate) for i, text in enumerate(texts)]
+    if task == "fill-mask":
+        mask_id = mask_token_id(tokenizer, meta)
+        for i, ids in enumerate(seqs):
+            if mask_id not in ids:
+                raise UserError(f"text {i + 1} has no {tokenizer.mask_token or '[MASK]'} token to fill "
+                                f"(the package is fill-mask)")
+    label_seqs = [encode(tokenizer, label, f"label '{label}'", lengths[-1], args.truncate) for label in labels or []]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else meta.get("pad_token_id")
+
+    runner = PackageRunner(args.package, args.backend)
+    outs, predictions = run_all(runner, meta, seqs + label_seqs, lengths, pad_id, max_texts)
+    print(f"backend: {'Core ML' if runner.backend == 'coreml' else 'float16 emulator'} "
+          f"({plural(len(outs), 'text')} in {plural(predictions, 'prediction')})", file=sys.stderr)
+
+    results = []
+    for i, (text, ids, out) in enumerate(zip(texts, seqs, outs)):
+        result = {"text": text, "num_tokens": len(ids), "length": out["length"]}
+        if task == "fill-mask":
+            result.update(fill_mask_result(out["rows"], ids, tokenizer, mask_id, args.top_k))
+        elif task == "classify":
+            result.update(classify_result(out["rows"], meta))
+        elif task == "token-classify":
+            result.update(token_classify_result(out["rows"], ids, tokenizer, meta))
+        elif task == "encoder":
+            result.update(encoder_result(out["rows"], args.json))
+        else:
+            result.update(embed_result(out["rows"], args.json))
+        results.append(result)
+    doc = {"package": str(args.package), "task": task, "backend": runner.backend, "predictions": predictions,
+           "results": results}
+    if task == "embed":
+        text_rows = np.stack([o["rows"] for o in outs[:len(texts)]])
+        if labels:
+            for result, ranked in zip(results, zero_shot(text_rows, np.stack([o["rows"] for o in outs[len(texts):]]),
+                                                         labels)):
+                result["labels"] = ranked
+        elif len(texts) > 1:
+            doc["similarity"] = cosine_matrix(text_rows, text_rows).tolist()
+
+    if args.json:
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(format_text(r, i, task) for i, r in enumerate(results)))
+        if "similarity" in doc:
+            print(format_similarity(doc["similarity"]))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,402 @@
+"""predict.py: every task's output against the float32 models, length choice, truncation, --json,
+--pack against unpacked runs, and one-line errors for bad input.
+
+Each package is converted once per module (convert.py in process, --skip-check); predictions run on
+the float16 emulator."""
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import convert
+import predict
+from checkpoints import build_sentence_transformers
+from user_errors import UserError, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = "the capital of france is [MASK]."                             # 9 tokens: fits 32
+LONG = ("the river rises in the hills north of the town and runs south through farmland for most of its "
+        "length and the mill itself was built more than two hundred years ago")   # > 32 tokens, < 64
+TOO_LONG = " ".join([LONG] * 3)                                       # > 64 tokens
+PACK_TEXTS = ["paris is the [MASK] of france.", "water [MASK] at one hundred degrees.",
+              "she poured the [MASK] and sat down.", LONG.replace("mill", "[MASK]"), "a [MASK] network learns."]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def run_main(argv, capsys):
+    """predict.main as the command line runs it: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(predict.main, argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def run_json(argv, capsys) -> dict:
+    code, out, err = run_main(argv + ["--json"], capsys)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def assert_one_line_error(code, err, message):
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, err
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def tokenizer_of(folder):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory, checkpoint_factory):
+    """packages(task, max_texts=3, seq_len=(32, 64)) -> (package, checkpoint folder), converted once."""
+    built = {}
+    root = tmp_path_factory.mktemp("packages")
+
+    def make(task, max_texts=3, seq_len=(32, 64)):
+        key = (task, max_texts, seq_len)
+        if key not in built:
+            if task == "embed":
+                folder = root / "st"
+                if not folder.exists():
+                    build_sentence_transformers(folder, "tiny", "mean", 32, True)
+            else:
+                folder = checkpoint_factory("tiny", task)
+            output = root / f"{task}-{max_texts}-{'-'.join(map(str, seq_len))}.mlpackage"
+            argv = [str(folder), "--task", task, "--seq-len", *map(str, seq_len), "--skip-check", "-o", str(output)]
+            if max_texts > 1:
+                argv += ["--max-texts", str(max_texts)]
+            with pytest.raises(SystemExit) as e:
+                run_cli(convert.main, argv)
+            assert e.value.code == 0, f"convert.py {' '.join(argv)} failed"
+            built[key] = (output, folder)
+        return built[key]
+
+    return make
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def test_pack_groups_fill_greedily():
+    assert predict.pack_groups([10, 10, 10], 32, 8) == [[0, 1, 2]]
+    assert predict.pack_groups([10, 10, 10], 25, 8) == [[0, 1], [2]]
+    assert predict.pack_groups([10, 10, 10], 64, 1) == [[0], [1], [2]]
+    assert predict.pack_groups([10, 10, 10, 10], 64, 3) == [[0, 1, 2], [3]]
+    assert predict.pack_groups([30, 5, 40, 64], 64, 3) == [[0, 1], [2], [3]]
+
+
+def test_make_inputs_segment_ids():
+    inputs = predict.make_inputs([[1, 5, 2], [1, 6, 7, 2]], 10, 3)
+    assert inputs["input_ids"].dtype == np.int32 and inputs["input_ids"].shape == (1, 10)
+    assert inputs["input_ids"].tolist() == [[1, 5, 2, 1, 6, 7, 2, 3, 3, 3]]
+    assert inputs["attention_mask"].tolist() == [[1, 1, 1, 2, 2, 2, 2, 0, 0, 0]]
+    assert predict.make_inputs([[1, 5, 2]], 4, 3)["attention_mask"].tolist() == [[1, 1, 1, 0]]
+
+
+# ----------------------------------------------------------------------------- tasks
+
+def test_fill_mask_top1_matches_float32_model(packages, capsys):
+    from model import ModernBert
+    package, folder = packages("fill-mask")
+    texts = [SHORT, "water [MASK] at one hundred [MASK] celsius."]
+    doc = run_json([str(package), *texts, "--top-k", "3"], capsys)
+    assert doc["task"] == "fill-mask" and doc["backend"] == "emulate" and len(doc["results"]) == 2
+    model, _ = ModernBert.from_pretrained(str(folder))
+    tokenizer = tokenizer_of(folder)
+    for text, result in zip(texts, doc["results"]):
+        ids = tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0].double(), -1)
+        positions = [i for i, t in enumerate(ids) if t == tokenizer.mask_token_id]
+        assert [m["position"] for m in result["masks"]] == positions and result["num_tokens"] == len(ids)
+        for mask in result["masks"]:
+            preds = mask["predictions"]
+            assert len(preds) == 3
+            assert [p["probability"] for p in preds] == sorted([p["probability"] for p in preds], reverse=True)
+            ref = probs[mask["position"]]
+            assert preds[0]["id"] == int(ref.argmax())
+            assert abs(preds[0]["probability"] - float(ref.max())) < 1e-2
+            assert preds[0]["token"] == tokenizer.decode([preds[0]["id"]])
+
+
+def test_fill_mask_human_output(packages, capsys):
+    package, _ = packages("fill-mask")
+    code, out, err = run_main([str(package), SHORT, "--top-k", "2"], capsys)
+    assert code == 0 and "backend: float16 emulator" in err
+    assert out.startswith(f"[1] {SHORT}") and "[MASK] at token 6:" in out
+    assert len([line for line in out.splitlines() if line.startswith("      0.")]) == 2
+
+
+def test_multi_length_package_picks_the_smallest_length_that_fits(packages, capsys):
+    package, _ = packages("fill-mask")
+    doc = run_json([str(package), SHORT, LONG.replace("mill", "[MASK]")], capsys)
+    assert [r["length"] for r in doc["results"]] == [32, 64]
+    assert doc["results"][1]["num_tokens"] > 32
+
+
+def test_too_long_text_is_refused_or_truncated(packages, capsys):
+    package, _ = packages("fill-mask")
+    text = "[MASK] " + TOO_LONG
+    n = len(tokenizer_of(packages("fill-mask")[1])(text)["input_ids"])
+    code, _, err = run_main([str(package), SHORT, text], capsys)
+    assert_one_line_error(code, err, f"text 2 is {n} tokens, {n - 64} too many")
+    assert "largest length 64" in err
+    code, out, err = run_main([str(package), SHORT, text, "--truncate", "--json"], capsys)
+    assert code == 0 and f"text 2: truncated from {n} to 64 tokens" in err
+    result = json.loads(out)["results"][1]
+    assert result["num_tokens"] == 64 and result["length"] == 64 and result["masks"][0]["position"] == 1
+
+
+def test_classify_labels_match_transformers(packages, capsys):
+    import transformers
+    package, folder = packages("classify")
+    texts = [SHORT.replace("[MASK]", "paris"), LONG, "a neural network learns its weights."]
+    doc = run_json([str(package), *texts], capsys)
+    ref = transformers.ModernBertForSequenceClassification.from_pretrained(str(folder)).eval()
+    tokenizer = tokenizer_of(folder)
+    for text, result in zip(texts, doc["results"]):
+        with torch.no_grad():
+            probs = torch.softmax(ref(**tokenizer(text, return_tensors="pt")).logits[0].double(), -1)
+        labels = result["labels"]
+        assert {l["label"] for l in labels} == {"negative", "neutral", "positive"}
+        assert labels[0]["label"] == ref.config.id2label[int(probs.argmax())]
+        for l in labels:
+            assert abs(l["score"] - float(probs[ref.config.label2id[l["label"]]])) < 1e-2
+        assert abs(sum(l["score"] for l in labels) - 1) < 1e-6
+    code, out, _ = run_main([str(package), texts[0]], capsys)
+    assert code == 0 and "label" in out and "probability" in out
+    assert all(name in out for name in ("negative", "neutral", "positive"))
+
+
+def test_token_classify_labels_every_ordinary_token(packages, capsys):
+    import transformers
+    package, folder = packages("token-classify")
+    text = "paris is the capital and largest city of france."
+    doc = run_json([str(package), text], capsys)
+    tokenizer = tokenizer_of(folder)
+    ids = tokenizer(text)["input_ids"]
+    tokens = doc["results"][0]["tokens"]
+    ordinary = [i for i, t in enumerate(ids) if t not in tokenizer.all_special_ids]
+    assert [t["position"] for t in tokens] == ordinary
+    assert [t["token"] for t in tokens] == tokenizer.convert_ids_to_tokens([ids[i] for i in ordinary])
+    ref = transformers.ModernBertForTokenClassification.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        probs = torch.softmax(ref(**tokenizer(text, return_tensors="pt")).logits[0].double(), -1)
+    for t in tokens:
+        top2 = probs[t["position"]].topk(2).values
+        if top2[0] - top2[1] > 0.02:                                  # a clear winner survives float16
+            assert t["label"] == ref.config.id2label[int(probs[t["position"]].argmax())]
+    code, out, _ = run_main([str(package), text], capsys)
+    lines = out.splitlines()[2:]
+    assert code == 0 and len(lines) == len(ordinary)
+    assert all(line.split()[1] in ("O", "B-ENT", "I-ENT") for line in lines)
+
+
+def test_encoder_shape_norms_and_full_json(packages, capsys):
+    from model import ModernBert
+    package, folder = packages("encoder")
+    doc = run_json([str(package), LONG], capsys)
+    result = doc["results"][0]
+    n = result["num_tokens"]
+    states = np.array(result["hidden_states"])
+    assert result["shape"] == [n, 64] and states.shape == (n, 64) and len(result["norms"]) == n
+    np.testing.assert_allclose(np.linalg.norm(states, axis=1), result["norms"], rtol=1e-6)
+    model, _ = ModernBert.from_pretrained(str(folder))
+    ids = tokenizer_of(folder)(LONG)["input_ids"]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]), torch.ones(1, n, dtype=torch.long))[0].double().numpy()
+    cos = (ref * states).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(states, axis=1)
+    assert cos.min() > 0.99
+    code, out, _ = run_main([str(package), LONG], capsys)
+    assert code == 0 and f"hidden states {n} x 64" in out and f"first 16 of {n}" in out
+    assert len(out.splitlines()[-1].split()) == 16
+
+
+def test_embed_vector_similarity_and_zero_shot(packages, capsys):
+    from model import ModernBert
+    package, folder = packages("embed")
+    texts = ["paris is the capital of france.", "the capital of france is paris.", "water boils at one hundred."]
+    doc = run_json([str(package), *texts], capsys)
+    model, _ = ModernBert.from_pretrained(str(folder))
+    tokenizer = tokenizer_of(folder)
+    vectors = []
+    for text, result in zip(texts, doc["results"]):
+        vec = np.array(result["embedding"])
+        ids = tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            ref = model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).reshape(-1, 32)[0].double()
+        assert result["dimension"] == 32 and vec.shape == (32,) and abs(result["norm"] - 1) < 1e-2
+        assert result["first_values"] == result["embedding"][:8]
+        assert float(ref.numpy() @ vec / np.linalg.norm(vec) / ref.norm()) > 0.99
+        vectors.append(vec / np.linalg.norm(vec))
+    sim = np.array(doc["similarity"])
+    assert sim.shape == (3, 3)
+    np.testing.assert_allclose(sim, np.stack(vectors) @ np.stack(vectors).T, atol=1e-9)
+    code, out, _ = run_main([str(package), *texts], capsys)
+    assert code == 0 and "cosine similarity:" in out and "dimension 32" in out and "first values:" in out
+
+    labels = ["capital city", "boiling water", "farm"]
+    doc = run_json([str(package), *texts[::2], "--labels", ",".join(labels)], capsys)
+    label_vectors = [np.array(r["embedding"]) for r in run_json([str(package), *labels], capsys)["results"]]
+    assert "similarity" not in doc
+    for vec, result in zip(vectors[::2], doc["results"]):
+        ranked = result["labels"]
+        assert sorted(l["label"] for l in ranked) == sorted(labels)
+        assert [l["cosine"] for l in ranked] == sorted([l["cosine"] for l in ranked], reverse=True)
+        for l in ranked:
+            lv = label_vectors[labels.index(l["label"])]
+            assert abs(l["cosine"] - float(vec @ lv / np.linalg.norm(lv))) < 1e-6
+    code, out, _ = run_main([str(package), texts[0], "--labels", ",".join(labels)], capsys)
+    assert code == 0 and "cosine" in out and all(label in out for label in labels)
+
+
+# ----------------------------------------------------------------------------- --pack
+
+def packed_and_unpacked(package, texts, capsys, extra=()):
+    unpacked = run_json([str(package), *texts, *extra], capsys)
+    packed = run_json([str(package), *texts, *extra, "--pack"], capsys)
+    assert unpacked["predictions"] == len(texts) and packed["predictions"] < len(texts)
+    assert [r["text"] for r in packed["results"]] == texts
+    return packed["results"], unpacked["results"]
+
+
+def test_pack_fill_mask_equals_unpacked(packages, capsys):
+    package, _ = packages("fill-mask")
+    packed, unpacked = packed_and_unpacked(package, PACK_TEXTS, capsys)
+    for p, u in zip(packed, unpacked):
+        assert [m["position"] for m in p["masks"]] == [m["position"] for m in u["masks"]]
+        for pm, um in zip(p["masks"], u["masks"]):
+            assert pm["predictions"][0]["id"] == um["predictions"][0]["id"]
+            for a, b in zip(pm["predictions"], um["predictions"]):
+                assert abs(a["probability"] - b["probability"]) < 1e-2
+
+
+def test_pack_encoder_and_token_classify_equal_unpacked(packages, capsys):
+    texts = [t.replace("[MASK]", "word") for t in PACK_TEXTS]
+    package, _ = packages("encoder")
+    packed, unpacked = packed_and_unpacked(package, texts, capsys)
+    for p, u in zip(packed, unpacked):
+        np.testing.assert_allclose(p["hidden_states"], u["hidden_states"], atol=1e-2)
+    package, _ = packages("token-classify")
+    packed, unpacked = packed_and_unpacked(package, texts, capsys)
+    for p, u in zip(packed, unpacked):
+        assert [t["position"] for t in p["tokens"]] == [t["position"] for t in u["tokens"]]
+        np.testing.assert_allclose([t["score"] for t in p["tokens"]], [t["score"] for t in u["tokens"]], atol=1e-2)
+
+
+def test_pack_pooled_tasks_equal_unpacked(packages, capsys):
+    texts = [t.replace("[MASK]", "word") for t in PACK_TEXTS]
+    package, _ = packages("classify")
+    packed, unpacked = packed_and_unpacked(package, texts, capsys)
+    for p, u in zip(packed, unpacked):
+        assert p["labels"][0]["label"] == u["labels"][0]["label"]
+    package, _ = packages("embed")
+    packed, unpacked = packed_and_unpacked(package, texts, capsys, ["--labels", "city,water"])
+    for p, u in zip(packed, unpacked):
+        a, b = np.array(p["embedding"]), np.array(u["embedding"])
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.999
+        assert [l["label"] for l in p["labels"]] == [l["label"] for l in u["labels"]]
+
+
+def test_pack_needs_a_package_with_max_texts(packages, capsys):
+    package, _ = packages("classify", max_texts=1, seq_len=(32,))
+    doc = run_json([str(package), "great film", "dull film"], capsys)      # (1, L) or (1, 1, L): both read
+    assert [len(r["labels"]) for r in doc["results"]] == [3, 3]
+    code, _, err = run_main([str(package), "great film", "dull film", "--pack"], capsys)
+    assert_one_line_error(code, err, "--max-texts N")
+
+
+# ----------------------------------------------------------------------------- inputs and errors
+
+def test_texts_from_file_and_stdin(packages, capsys, tmp_path, monkeypatch):
+    package, _ = packages("classify")
+    path = tmp_path / "texts.txt"
+    path.write_text("great film\n\n   \ndull film\n", encoding="utf-8")
+    doc = run_json([str(package), "--file", str(path)], capsys)
+    assert [r["text"] for r in doc["results"]] == ["great film", "dull film"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"one text\n\nanother\n")))
+    doc = run_json([str(package), "-"], capsys)
+    assert [r["text"] for r in doc["results"]] == ["one text", "another"]
+
+
+def test_bad_input_gets_one_line_in_process(packages, capsys, tmp_path, monkeypatch):
+    fill, _ = packages("fill-mask")
+    classify, _ = packages("classify")
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("caf\xe9 [MASK]\n".encode("latin-1"))
+    cases = {
+        "not a package": ([str(tmp_path)], "is not an .mlpackage"),
+        "empty text": ([str(fill), SHORT, ""], "text 2 is empty"),
+        "whitespace text": ([str(fill), "   "], "text 1 is empty"),
+        "no [MASK]": ([str(fill), "no mask here"], "text 1 has no [MASK] token"),
+        "labels on classify": ([str(classify), "great film", "--labels", "a,b"], "--labels needs an embed package"),
+        "top-k 0": ([str(fill), SHORT, "--top-k", "0"], "--top-k must be at least 1"),
+        "not UTF-8": ([str(fill), "--file", str(not_utf8)], "is not UTF-8"),
+        "bad tokenizer": ([str(fill), SHORT, "--tokenizer", str(tmp_path / "nope")], "pass --tokenizer"),
+        "too long": ([str(fill), TOO_LONG], "too many for the package's largest length 64"),
+    }
+    for name, (argv, message) in cases.items():
+        code, _, err = run_main(argv, capsys)
+        assert_one_line_error(code, err, message)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\n  \n")))
+    code, _, err = run_main([str(fill)], capsys)
+    assert_one_line_error(code, err, "no texts")
+    with pytest.raises(UserError, match="text 1 is empty"):                # --debug: the traceback instead
+        run_cli(predict.main, [str(fill), "", "--debug"])
+
+
+def foreign_packages(tmp_path):
+    """A valid ML Program without our metadata, and one claiming a task predict.py does not know."""
+    from coremltools.converters.mil import Builder as mb
+    from quiet_coremltools import import_coremltools
+    ct = import_coremltools()
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 2))])
+    def prog(x):
+        return mb.add(x=x, y=1.0)
+
+    paths = {}
+    for name, task in (("foreign", None), ("future", "translate")):
+        mlmodel = ct.convert(prog, convert_to="mlprogram", skip_model_load=True)
+        if task:
+            mlmodel.user_defined_metadata["modernbert_ane.task"] = task
+        paths[name] = tmp_path / f"{name}.mlpackage"
+        mlmodel.save(str(paths[name]))
+    return paths
+
+
+def test_foreign_and_future_packages(capsys, tmp_path):
+    paths = foreign_packages(tmp_path)
+    code, _, err = run_main([str(paths["foreign"]), "text"], capsys)
+    assert_one_line_error(code, err, "was not written by this project's convert.py")
+    code, _, err = run_main([str(paths["future"]), "text"], capsys)
+    assert_one_line_error(code, err, "has task 'translate', which predict.py does not know")
+
+
+def run_process(args, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *args], capture_output=True, text=True,
+                          env=env, **kwargs)
+
+
+def test_as_a_process(packages, tmp_path):
+    """As a user runs it: real processes, so nothing of pytest hides a traceback or feeds stdin."""
+    result = run_process([str(tmp_path / "missing.mlpackage"), "text"])
+    assert_one_line_error(result.returncode, result.stderr, "no such package")
+    fill, _ = packages("fill-mask")
+    result = run_process([str(fill)], stdin=subprocess.DEVNULL)
+    assert_one_line_error(result.returncode, result.stderr, "no texts")
+    result = run_process([str(fill), "--top-k", "1"], input=f"{SHORT}\n\nno mask here\n")
+    assert_one_line_error(result.returncode, result.stderr, "text 2 has no [MASK] token")
+    result = run_process([str(fill), "--top-k", "1"], input=f"{SHORT}\n")
+    assert result.returncode == 0 and "backend: float16 emulator (1 text in 1 prediction)" in result.stderr
+    assert "[MASK] at token 6:" in result.stdout
