@@ -99,7 +99,7 @@ def read_texts(args) -> list[str]:
             texts = split_lines(path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as e:
             raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
-    elif args.texts == ["-"] or (not args.texts and not sys.stdin.isatty()):
+    elif args.texts == ["-"] or (not args.texts and sys.stdin is not None and not sys.stdin.isatty()):
         data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
         try:
             texts = split_lines(data.decode("utf-8"))

@@ -32,6 +32,7 @@ PACK_TEXTS = ["paris is the [MASK] of france.", "water [MASK] at one hundred deg
 
 def run_main(argv, capsys):
     """predict.main as the command line runs it: (exit code, stdout, stderr)."""
+    capsys.readouterr()                                   # drop what came before (a conversion's report)
     with pytest.raises(SystemExit) as e:
         run_cli(predict.main, argv)
     out = capsys.readouterr()
@@ -264,7 +265,7 @@ def test_embed_vector_similarity_and_zero_shot(packages, capsys):
 def packed_and_unpacked(package, texts, capsys, extra=()):
     unpacked = run_json([str(package), *texts, *extra], capsys)
     packed = run_json([str(package), *texts, *extra, "--pack"], capsys)
-    assert unpacked["predictions"] == len(texts) and packed["predictions"] < len(texts)
+    assert unpacked["predictions"] >= len(texts) > packed["predictions"]
     assert [r["text"] for r in packed["results"]] == texts
     return packed["results"], unpacked["results"]
 
