@@ -39,28 +39,25 @@ def package_spec(path):
 
 
 def write_metadata(mlmodel, metadata: dict) -> None:
-    """Store our metadata (sorted, strings only, so the same options give the same bytes)."""
+    """Store our metadata, every value JSON-encoded (sorted, so the same options give the same bytes)."""
     for key in sorted(metadata):
         value = metadata[key]
         if value is None:
             continue
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        mlmodel.user_defined_metadata[METADATA_PREFIX + key] = text
+        mlmodel.user_defined_metadata[METADATA_PREFIX + key] = json.dumps(value, sort_keys=True)   # typed on read
 
 
 def read_metadata(path) -> dict:
-    """Our metadata of a package, values parsed back from JSON where they were not plain strings."""
+    """Our metadata of a package, values parsed back from JSON."""
     spec = package_spec(path)
     raw = dict(spec.description.metadata.userDefined)
     ours = {k[len(METADATA_PREFIX):]: v for k, v in raw.items() if k.startswith(METADATA_PREFIX)}
     if "task" not in ours:
         raise PackageError(f"{path} was not written by this project's convert.py (no {METADATA_PREFIX}task metadata)")
-    for key, value in ours.items():
-        try:
-            ours[key] = json.loads(value)
-        except json.JSONDecodeError:
-            pass                                  # a plain string
-    return ours
+    try:
+        return {key: json.loads(value) for key, value in ours.items()}
+    except json.JSONDecodeError as e:
+        raise PackageError(f"{path} has damaged {METADATA_PREFIX}* metadata: {e}") from e
 
 
 def input_lengths(path) -> list[int]:

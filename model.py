@@ -415,7 +415,7 @@ class ModernBert(nn.Module):
         """Additive masks built in the graph from the (B, S) mask: keys on axis 1, queries on axis 3."""
         S = attention_mask.shape[1]
         if self.max_texts == 1:
-            keep = attention_mask.to(dtype)[:, :, None, None]                  # (B, S, 1, 1): broadcasts over queries
+            keep = (attention_mask == 1).to(dtype)[:, :, None, None]           # (B, S, 1, 1): broadcasts over queries
         else:                                                                  # a text sees its own tokens only
             seg = attention_mask.to(torch.int32)
             same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)   # (B, S_k, S_q)

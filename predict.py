@@ -14,6 +14,7 @@ the embedding and cosine similarities (embed), or the hidden states' shape and n
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,13 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("package", help="a .mlpackage written by convert.py")
     p.add_argument("texts", nargs="*", help="texts to run (default: --file, or stdin; '-' reads stdin)")
-    p.add_argument("--file", help="read the texts from this file, one per line (blank lines skipped)")
-    p.add_argument("--top-k", type=int, default=5, help="fill-mask: tokens shown per [MASK] (default 5)")
-    p.add_argument("--labels", help="embed: comma-separated label texts to rank by cosine similarity (zero-shot)")
+    p.add_argument("--file", metavar="PATH", help="read the texts from this file, one per line (blank lines skipped)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="fill-mask: tokens shown per [MASK] (default 5)")
+    p.add_argument("--labels", metavar="A,B,C", help="embed: comma-separated label texts to rank by cosine similarity (zero-shot)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="Core ML (macOS) or the float16 emulator (default auto: Core ML where it exists)")
-    p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the one named in the package)")
+    p.add_argument("--tokenizer", metavar="ID", help="tokenizer hub id or folder (default: the one named in the package)")
     p.add_argument("--truncate", action="store_true", help="truncate texts longer than the package's largest length")
     p.add_argument("--pack", action="store_true", help="put several texts into one prediction (faster for short texts)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -116,7 +117,7 @@ def read_texts(args) -> list[str]:
 
 
 def load_tokenizer(source: str | None):
-    """AutoTokenizer for the package's tokenizer (or --tokenizer), with the special tokens we need."""
+    """AutoTokenizer for the package's tokenizer (or --tokenizer); a one-line error where it cannot load."""
     if not source:
         raise UserError("the package names no tokenizer; pass --tokenizer ID_OR_FOLDER")
     import transformers
@@ -127,8 +128,6 @@ def load_tokenizer(source: str | None):
     except Exception as e:
         reason = " ".join(str(e).split())[:200]
         raise UserError(f"cannot load the tokenizer '{source}' ({type(e).__name__}: {reason}){hint}") from e
-    if tokenizer.pad_token_id is None:
-        raise UserError(f"the tokenizer '{source}' has no pad token{hint}")
     return tokenizer
 
 
@@ -145,11 +144,22 @@ def encode(tokenizer, text: str, what: str, limit: int, truncate: bool) -> list[
     return ids
 
 
-def mask_token_id(tokenizer, meta: dict) -> int:
-    mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else meta.get("mask_token_id")
-    if mask_id is None:
-        raise UserError("neither the tokenizer nor the package names a [MASK] token")
-    return int(mask_id)
+def special_token_id(tokenizer, meta: dict, name: str) -> int:
+    """The tokenizer's id for `name` ("mask", "pad"), the package's metadata as fallback."""
+    token_id = getattr(tokenizer, f"{name}_token_id", None)
+    token_id = meta.get(f"{name}_token_id") if token_id is None else token_id
+    if token_id is None:
+        raise UserError(f"neither the tokenizer nor the package names a {name} token")
+    return int(token_id)
+
+
+def check_masks(seqs: list[list[int]], tokenizer, meta: dict) -> None:
+    """fill-mask: every text needs a [MASK] to fill (after truncation)."""
+    mask_id = special_token_id(tokenizer, meta, "mask")
+    for i, ids in enumerate(seqs):
+        if mask_id not in ids:
+            raise UserError(f"text {i + 1} has no {tokenizer.mask_token or '[MASK]'} token to fill "
+                            f"(the package is fill-mask)")
 
 
 # ----------------------------------------------------------------------------- running
@@ -291,6 +301,31 @@ def zero_shot(text_rows: np.ndarray, label_rows: np.ndarray, labels: list[str]) 
     return [[{"label": labels[j], "cosine": float(row[j])} for j in np.argsort(-row, kind="stable")] for row in sims]
 
 
+def task_result(task: str, rows, ids, tokenizer, meta: dict, args) -> dict:
+    """What one text's output means, for its task (JSON-ready)."""
+    if task == "fill-mask":
+        return fill_mask_result(rows, ids, tokenizer, special_token_id(tokenizer, meta, "mask"), args.top_k)
+    if task == "classify":
+        return classify_result(rows, meta)
+    if task == "token-classify":
+        return token_classify_result(rows, ids, tokenizer, meta)
+    if task == "encoder":
+        return encoder_result(rows, args.json)
+    return embed_result(rows, args.json)
+
+
+def add_similarities(doc: dict, rows: np.ndarray, labels: list[str] | None) -> None:
+    """embed: rank the labels per text (rows: the texts' embeddings, then the labels'), or, for two or
+    more texts without labels, the pairwise cosine similarity matrix."""
+    results = doc["results"]
+    text_rows = rows[:len(results)]
+    if labels:
+        for result, ranked in zip(results, zero_shot(text_rows, rows[len(results):], labels)):
+            result["labels"] = ranked
+    elif len(results) > 1:
+        doc["similarity"] = cosine_matrix(text_rows, text_rows).tolist()
+
+
 # ----------------------------------------------------------------------------- output
 
 def format_text(result: dict, index: int, task: str) -> str:
@@ -312,10 +347,10 @@ def format_text(result: dict, index: int, task: str) -> str:
         lines += [f"    {t['token'].ljust(width)}  {t['label'].ljust(label_width)}  {t['score']:.4f}"
                   for t in result["tokens"]]
     elif task == "encoder":
-        norms = result["norms"][:SHOW_TOKENS]
-        more = f" (first {SHOW_TOKENS} of {len(result['norms'])}; --json for all)" if len(result["norms"]) > SHOW_TOKENS else ""
+        norms = result["norms"]
+        more = f" (first {SHOW_TOKENS} of {len(norms)}; --json for all)" if len(norms) > SHOW_TOKENS else ""
         lines.append(f"    hidden states {result['shape'][0]} x {result['shape'][1]}; L2 norm per token{more}:")
-        lines.append("    " + " ".join(f"{v:.2f}" for v in norms))
+        lines.append("    " + " ".join(f"{v:.2f}" for v in norms[:SHOW_TOKENS]))
     elif task == "embed":
         lines.append(f"    dimension {result['dimension']}, L2 norm {result['norm']:.4f}")
         lines.append("    first values: " + " ".join(f"{v:+.4f}" for v in result["first_values"]))
@@ -335,6 +370,14 @@ def format_similarity(matrix: list[list[float]]) -> str:
 
 # ----------------------------------------------------------------------------- main
 
+def emit(text: str) -> None:
+    """Print to stdout; a reader that went away (`predict.py ... | head`) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' * (n != 1)}"
 
@@ -348,54 +391,35 @@ def main(argv) -> int:
     labels = parse_labels(args.labels, task)
     max_texts = max_texts_per_prediction(meta, args.pack)
     texts = read_texts(args)
-    tokenizer = load_tokenizer(args.tokenizer or meta.get("tokenizer"))
+    source = args.tokenizer or meta.get("tokenizer")          # str(): a folder named "1234" reads back as a number
+    tokenizer = load_tokenizer(None if source is None else str(source))
     lengths = input_lengths(args.package)
     seqs = [encode(tokenizer, text, f"text {i + 1}", lengths[-1], args.truncate) for i, text in enumerate(texts)]
     if task == "fill-mask":
-        mask_id = mask_token_id(tokenizer, meta)
-        for i, ids in enumerate(seqs):
-            if mask_id not in ids:
-                raise UserError(f"text {i + 1} has no {tokenizer.mask_token or '[MASK]'} token to fill "
-                                f"(the package is fill-mask)")
+        check_masks(seqs, tokenizer, meta)
     label_seqs = [encode(tokenizer, label, f"label '{label}'", lengths[-1], args.truncate) for label in labels or []]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else meta.get("pad_token_id")
+    pad_id = special_token_id(tokenizer, meta, "pad")
 
     runner = PackageRunner(args.package, args.backend)
     outs, predictions = run_all(runner, meta, seqs + label_seqs, lengths, pad_id, max_texts)
+    ran = plural(len(texts), "text") + (f" and {plural(len(labels), 'label')}" if labels else "")
     print(f"backend: {'Core ML' if runner.backend == 'coreml' else 'float16 emulator'} "
-          f"({plural(len(outs), 'text')} in {plural(predictions, 'prediction')})", file=sys.stderr)
+          f"({ran} in {plural(predictions, 'prediction')})", file=sys.stderr)
 
-    results = []
-    for i, (text, ids, out) in enumerate(zip(texts, seqs, outs)):
-        result = {"text": text, "num_tokens": len(ids), "length": out["length"]}
-        if task == "fill-mask":
-            result.update(fill_mask_result(out["rows"], ids, tokenizer, mask_id, args.top_k))
-        elif task == "classify":
-            result.update(classify_result(out["rows"], meta))
-        elif task == "token-classify":
-            result.update(token_classify_result(out["rows"], ids, tokenizer, meta))
-        elif task == "encoder":
-            result.update(encoder_result(out["rows"], args.json))
-        else:
-            result.update(embed_result(out["rows"], args.json))
-        results.append(result)
+    results = [{"text": text, "num_tokens": len(ids), "length": out["length"],
+                **task_result(task, out["rows"], ids, tokenizer, meta, args)}
+               for text, ids, out in zip(texts, seqs, outs)]
     doc = {"package": str(args.package), "task": task, "backend": runner.backend, "predictions": predictions,
            "results": results}
     if task == "embed":
-        text_rows = np.stack([o["rows"] for o in outs[:len(texts)]])
-        if labels:
-            for result, ranked in zip(results, zero_shot(text_rows, np.stack([o["rows"] for o in outs[len(texts):]]),
-                                                         labels)):
-                result["labels"] = ranked
-        elif len(texts) > 1:
-            doc["similarity"] = cosine_matrix(text_rows, text_rows).tolist()
+        add_similarities(doc, np.stack([o["rows"] for o in outs]), labels)
 
     if args.json:
-        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        emit(json.dumps(doc, indent=2, ensure_ascii=False))
     else:
-        print("\n".join(format_text(r, i, task) for i, r in enumerate(results)))
+        emit("\n".join(format_text(r, i, task) for i, r in enumerate(results)))
         if "similarity" in doc:
-            print(format_similarity(doc["similarity"]))
+            emit(format_similarity(doc["similarity"]))
     return 0
 
 

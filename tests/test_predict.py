@@ -103,6 +103,17 @@ def test_make_inputs_segment_ids():
     assert predict.make_inputs([[1, 5, 2]], 4, 3)["attention_mask"].tolist() == [[1, 1, 1, 0]]
 
 
+def test_classify_scores_per_problem_type():
+    logits = np.array([1.0, -2.0, 0.5], dtype=np.float32)
+    meta = {"labels": ["a", "b", "c"], "problem_type": "single_label_classification"}
+    single = predict.classify_result(logits, meta)["labels"]
+    assert [l["label"] for l in single] == ["a", "c", "b"] and abs(sum(l["score"] for l in single) - 1) < 1e-12
+    multi = predict.classify_result(logits, {**meta, "problem_type": "multi_label_classification"})["labels"]
+    assert [round(l["score"], 4) for l in multi] == [0.7311, 0.6225, 0.1192]
+    value = predict.classify_result(np.array([0.25]), {"problem_type": "regression"})["labels"]
+    assert value == [{"label": "LABEL_0", "score": 0.25}]
+
+
 # ----------------------------------------------------------------------------- tasks
 
 def test_fill_mask_top1_matches_float32_model(packages, capsys):
