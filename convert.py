@@ -199,41 +199,66 @@ def make_deterministic(package: Path) -> None:
     manifest_file.write_text(json.dumps(manifest, indent=4, sort_keys=True))
 
 
-def check_package(package: Path, model: ModernBert, tokenizer, lengths: list[int], backend: str, readiness):
-    """Run the saved package at its smallest and largest length and compare with the float32 model."""
-    runner = PackageRunner(package, backend)
-    results = []
+def packed_input(tokenizer, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row holding the texts back to back, attention_mask = segment ids 1..K, then padding."""
+    rows = [tokenizer(t, truncation=True, max_length=length // len(texts))["input_ids"] for t in texts]
+    ids = sum(rows, [])
+    seg = sum(([k + 1] * len(r) for k, r in enumerate(rows)), [])
+    pad = length - len(ids)
+    return torch.tensor([ids + [tokenizer.pad_token_id] * pad]), torch.tensor([seg + [0] * pad])
+
+
+def check_runs(model: ModernBert, tokenizer, lengths: list[int]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(what, input_ids, attention_mask) the check runs: a short and a long text at the smallest and the
+    largest length and, for packing packages, two texts packed into the largest length."""
+    runs = []
     for length in sorted({lengths[0], lengths[-1]}):
-        texts = [EVAL_TEXTS[0], EVAL_TEXTS[6]]
-        ids, mask = tokenize(tokenizer, texts, length, pad_to=length)
-        outs, refs = [], []
-        for i in range(len(texts)):
-            observe = readiness.observe if length == lengths[-1] and i == 0 and runner.backend == "emulate" else None
-            out = runner.predict({"input_ids": ids[i:i + 1].numpy(), "attention_mask": mask[i:i + 1].numpy()},
-                                 observe=observe)
-            outs.append(out[OUTPUT_NAMES[model.task]])
-            with torch.no_grad():
-                refs.append(model(ids[i:i + 1], mask[i:i + 1]).numpy())
-        out, ref = np.concatenate(outs), np.concatenate(refs)
+        ids, mask = tokenize(tokenizer, [EVAL_TEXTS[0], EVAL_TEXTS[6]], length, pad_to=length)
+        runs += [(f"{length} tokens", ids[i:i + 1], mask[i:i + 1]) for i in range(2)]
+    if model.max_texts > 1:
+        runs.append((f"2 texts packed in {lengths[-1]} tokens",
+                     *packed_input(tokenizer, [EVAL_TEXTS[2], EVAL_TEXTS[6]], lengths[-1])))
+    return runs
+
+
+def check_package(package: Path, model: ModernBert, tokenizer, lengths: list[int], backend: str, readiness):
+    """Run the saved package and compare it with the float32 model; raise below the thresholds."""
+    runner = PackageRunner(package, backend)
+    results, observed = {}, False
+    for what, ids, mask in check_runs(model, tokenizer, lengths):
+        observe = None
+        if ids.shape[1] == lengths[-1] and not observed and runner.backend == "emulate":
+            observe, observed = readiness.observe, True             # real shapes at the largest length
+        out = runner.predict({"input_ids": ids.numpy(), "attention_mask": mask.numpy()},
+                             observe=observe)[OUTPUT_NAMES[model.task]]
+        with torch.no_grad():
+            ref = model(ids, mask).numpy()
         if not np.isfinite(out).all():
-            raise UserError(f"correctness check failed at {length} tokens: the package computes non-finite values "
+            raise UserError(f"correctness check failed ({what}): the package computes non-finite values "
                             f"(try --rotation hadamard, or --skip-check to keep it anyway)")
         if model.task in POOLED_TASKS:
-            rows_ref, rows = ref[:, 0], out[:, 0]                     # the first (only) text of each run
+            n = int(mask.max())                                       # one row per text in the run
+            rows_ref, rows = ref[0, :n], out[0, :n]
         else:
-            valid = mask.numpy().astype(bool)
+            valid = mask.numpy() > 0
             rows_ref, rows = ref[valid], out[valid]
+        results.setdefault(what, ([], []))
+        results[what][0].append(rows_ref)
+        results[what][1].append(rows)
+    lines = []
+    for what, (refs, outs) in results.items():
+        rows_ref, rows = np.concatenate(refs), np.concatenate(outs)
         if model.task in ("encoder", "embed"):
             score = cosine_metrics(rows_ref, rows)["cosine_min"]
-            ok, what = score >= CHECK_MIN_COSINE, f"cosine_min {score:.5f} (threshold {CHECK_MIN_COSINE})"
+            ok, summary = score >= CHECK_MIN_COSINE, f"cosine_min {score:.5f} (threshold {CHECK_MIN_COSINE})"
         else:
             score = distribution_metrics(rows_ref, rows)["top1_agreement"]
-            ok, what = score >= CHECK_MIN_TOP1, f"top-1 agreement {score:.4f} (threshold {CHECK_MIN_TOP1})"
+            ok, summary = score >= CHECK_MIN_TOP1, f"top-1 agreement {score:.4f} (threshold {CHECK_MIN_TOP1})"
         if not ok:
-            raise UserError(f"correctness check failed at {length} tokens: {what} against the float32 model "
+            raise UserError(f"correctness check failed ({what}): {summary} against the float32 model "
                             f"(--skip-check keeps the package anyway)")
-        results.append(f"{length} tokens: {what}")
-    return runner.backend, results
+        lines.append(f"{what}: {summary}")
+    return runner.backend, lines
 
 
 def save_atomically(mlmodel, output: Path, force: bool, finish) -> None:
@@ -275,7 +300,7 @@ def main(argv) -> int:
     steps.start(f"loading {args.model}")
     model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision,
                                              max_texts=args.max_texts)
-    tokenizer = load_tokenizer(ckpt, args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer or ckpt.root)
     tokenizer_source = args.tokenizer or (ckpt.source if ckpt.revision or not Path(ckpt.source).exists()
                                           else str(ckpt.root))
     if max(lengths) > model.config.max_position_embeddings:

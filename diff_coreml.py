@@ -85,7 +85,7 @@ def main(argv) -> int:
     source = args.model or meta.get("source")
     ckpt = resolve_checkpoint(source)
     check_model_matches(meta, ModernBertConfig.from_dict(ckpt.config), source, args.package)
-    tokenizer = load_tokenizer(ckpt, args.tokenizer or (None if args.model else meta.get("tokenizer")))
+    tokenizer = load_tokenizer(args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root)
     ref_model = reference_model(ckpt, task)
     output_name = meta.get("output", "logits")
     watch = OverflowWatch() if runner.backend == "emulate" else None

@@ -18,7 +18,7 @@ from evaluation import (EVAL_TEXTS, check_output_path, compare_rows, format_metr
 from checkpoint import DEFAULT_MODEL
 from model import POOLED_TASKS, TASKS, ActivationProbe, ModernBert
 from rotations import ROTATION_KINDS, rotate_model
-from user_errors import UserError, run_cli
+from user_errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +113,7 @@ def main(argv) -> int:
         model.set_query_chunk(args.query_chunk)
     dtype = torch.float16 if args.precision == "float16" else torch.float32
     model = model.to(dtype)
-    tokenizer = load_tokenizer(ckpt)
+    tokenizer = load_tokenizer(ckpt.root)
     max_length = min(args.max_length, model.config.max_position_embeddings)
     input_ids, attention_mask = tokenize(tokenizer, EVAL_TEXTS, max_length)
     mask = attention_mask.numpy()

@@ -55,14 +55,16 @@ EVAL_TEXTS = [
 ]
 
 
-def load_tokenizer(ckpt: Checkpoint, tokenizer_name: str | None = None):
-    """The checkpoint's own tokenizer (or another by name/folder), with the special tokens ModernBERT needs."""
-    from transformers import AutoTokenizer
-    source = tokenizer_name or str(ckpt.root)
+def load_tokenizer(source: str):
+    """A tokenizer (hub id or folder) with the special tokens ModernBERT needs; one-line error otherwise."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()      # no "sequence longer than model_max_length" chatter
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
     except Exception as e:
-        raise CheckpointError(f"cannot load a tokenizer from {source}: {type(e).__name__}: {e}") from e
+        reason = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"cannot load a tokenizer from '{source}' ({type(e).__name__}: {reason}); "
+                              f"pass --tokenizer with a hub id or folder that has the model's tokenizer") from e
     missing = [t for t in ("cls_token", "sep_token", "pad_token") if getattr(tokenizer, t, None) is None]
     if missing:
         raise CheckpointError(f"the tokenizer from {source} has no {', '.join(missing)}")

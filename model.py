@@ -11,7 +11,6 @@ Follows Apple's ml-ane-transformers recipe:
 
 Numerics otherwise follow transformers' `modernbert` implementation exactly (float32 parity ~1e-6).
 """
-import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -496,7 +495,7 @@ class ModernBert(nn.Module):
         """Map the checkpoint's tensors onto our modules (plus `extra_state`, already in our names)."""
         prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
         key_map = checkpoint_key_map(self.config, self.task, prefix)
-        known_elsewhere = {src for src in head_keys(self.config, prefix)}      # other tasks' heads: known, unused
+        known_elsewhere = head_keys(self.config)                               # other tasks' heads: known, unused
         unknown = sorted(k for k in tensors if k not in set(key_map.values()) and k not in known_elsewhere)
         tied = f"{prefix}embeddings.tok_embeddings.weight"
         missing = sorted(src for dst, src in key_map.items()
@@ -609,7 +608,7 @@ def task_head_key_map(config: ModernBertConfig, task: str) -> dict:
     return m
 
 
-def head_keys(config: ModernBertConfig, prefix: str) -> set:
+def head_keys(config: ModernBertConfig) -> set:
     """Every head key any task could use: present in a checkpoint of another task, they are not unknown."""
     keys = set()
     for task in TASKS:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation import load_tokenizer
 from mlpackage import BACKENDS, PackageError, PackageRunner, input_lengths, read_metadata
 from user_errors import UserError, run_cli
 
@@ -114,21 +115,6 @@ def read_texts(args) -> list[str]:
         if not text.strip():
             raise UserError(f"text {i + 1} is empty")
     return texts
-
-
-def load_tokenizer(source: str | None):
-    """AutoTokenizer for the package's tokenizer (or --tokenizer); a one-line error where it cannot load."""
-    if not source:
-        raise UserError("the package names no tokenizer; pass --tokenizer ID_OR_FOLDER")
-    import transformers
-    transformers.utils.logging.set_verbosity_error()     # no "sequence longer than model_max_length" chatter
-    hint = "; pass --tokenizer with a hub id or folder that has the model's tokenizer"
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    except Exception as e:
-        reason = " ".join(str(e).split())[:200]
-        raise UserError(f"cannot load the tokenizer '{source}' ({type(e).__name__}: {reason}){hint}") from e
-    return tokenizer
 
 
 def encode(tokenizer, text: str, what: str, limit: int, truncate: bool) -> list[int]:
@@ -391,8 +377,10 @@ def main(argv) -> int:
     labels = parse_labels(args.labels, task)
     max_texts = max_texts_per_prediction(meta, args.pack)
     texts = read_texts(args)
-    source = args.tokenizer or meta.get("tokenizer")          # str(): a folder named "1234" reads back as a number
-    tokenizer = load_tokenizer(None if source is None else str(source))
+    source = args.tokenizer or meta.get("tokenizer")
+    if not source:
+        raise UserError("the package names no tokenizer; pass --tokenizer ID_OR_FOLDER")
+    tokenizer = load_tokenizer(source)
     lengths = input_lengths(args.package)
     seqs = [encode(tokenizer, text, f"text {i + 1}", lengths[-1], args.truncate) for i, text in enumerate(texts)]
     if task == "fill-mask":

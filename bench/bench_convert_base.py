@@ -82,7 +82,7 @@ def main() -> None:
         root=str(ROOT), package=str(package), length=args.seq_len)])
     _, load_s, run_s, finite = next(l.split() for l in emu_out.splitlines() if l.startswith("RESULT"))
     weights = sum(f.stat().st_size for f in package.rglob("*") if f.is_file()) / 2**20
-    print(f"| step | wall time | peak memory |\n|---|---|---|")
+    print("| step | wall time | peak memory |\n|---|---|---|")
     print(f"| convert.py ({args.layers} layers, seq {args.seq_len}; {steps.split('(', 1)[1].rstrip(')')}) "
           f"| {wall:.1f} s (process) | {peak:.2f} GiB |")
     print(f"| emulator: load package | {float(load_s):.1f} s | |")

@@ -1,5 +1,4 @@
 """convert.py: packages that compute what transformers computes, checked on the float16 emulator."""
-import json
 from pathlib import Path
 
 import numpy as np

@@ -369,6 +369,7 @@ def test_bad_input_gets_one_line_in_process(packages, capsys, tmp_path, monkeypa
 def foreign_packages(tmp_path):
     """A valid ML Program without our metadata, and one claiming a task predict.py does not know."""
     from coremltools.converters.mil import Builder as mb
+    from mlpackage import write_metadata
     from quiet_coremltools import import_coremltools
     ct = import_coremltools()
 
@@ -380,7 +381,7 @@ def foreign_packages(tmp_path):
     for name, task in (("foreign", None), ("future", "translate")):
         mlmodel = ct.convert(prog, convert_to="mlprogram", skip_model_load=True)
         if task:
-            mlmodel.user_defined_metadata["modernbert_ane.task"] = task
+            write_metadata(mlmodel, {"task": task})
         paths[name] = tmp_path / f"{name}.mlpackage"
         mlmodel.save(str(paths[name]))
     return paths
