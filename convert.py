@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="rotation seed (default 0)")
     p.add_argument("--deployment-target", choices=sorted(TARGETS), default="macOS15",
                    help="minimum OS (default macOS15 = iOS18 ops; macOS14/iOS17 only for a single --seq-len)")
+    p.add_argument("--local-attention", choices=("auto", "masked", "blockwise"), default="auto",
+                   help="sliding-window layers: blockwise (O(S*window), lengths multiples of the window radius) "
+                        "or masked (an S x S mask); auto: blockwise when it fits and S > 2 windows")
     p.add_argument("--query-chunk", type=int, help="global attention in query chunks of N tokens (single --seq-len)")
     p.add_argument("--max-texts", type=int, default=1, metavar="K",
                    help="pack up to K texts into one prediction (attention_mask carries segment ids; default 1)")
@@ -97,6 +100,17 @@ def validate(args) -> list[int]:
     if not 1 <= args.max_texts <= min(lengths) // 2:
         raise UserError(f"--max-texts must be between 1 and {min(lengths) // 2} (each text needs [CLS] and [SEP])")
     return lengths
+
+
+def local_attention_kind(choice: str, config, lengths: list[int]) -> str:
+    radius = config.window_radius
+    fits = all(n % radius == 0 for n in lengths)
+    if choice == "blockwise" and not fits:
+        raise UserError(f"--local-attention blockwise needs every --seq-len to be a multiple of the window "
+                        f"radius {radius}")
+    if choice == "auto":
+        return "blockwise" if fits and max(lengths) > 2 * config.local_attention else "masked"
+    return choice
 
 
 def check_output(output: Path, checkpoint_dir: Path | None, force: bool) -> None:
@@ -175,7 +189,7 @@ def describe(mlmodel, model: ModernBert, ckpt, tokenizer, tokenizer_source: str,
         "rotation": args.rotation, "rotation_seed": args.seed if args.rotation != "none" else None,
         "seq_lengths": lengths, "version": PROJECT_VERSION, "output": OUTPUT_NAMES[model.task],
         "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "deployment_target": args.deployment_target,
-        "compute_units": "CPU_AND_NE", "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
+        "compute_units": "CPU_AND_NE", "local_attention": "blockwise" if model.blockwise else "masked", "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
         "sep_token_id": tokenizer.sep_token_id, "mask_token_id": tokenizer.mask_token_id, "labels": labels,
         "problem_type": problem if model.task == "classify" else None,
         "pooling": model.pooling if model.task in POOLED_TASKS else None,
@@ -314,6 +328,7 @@ def main(argv) -> int:
         steps.done()
     if args.query_chunk:
         model.set_query_chunk(args.query_chunk)
+    model.set_local_attention(local_attention_kind(args.local_attention, model.config, lengths))
     steps.start(f"tracing at {lengths[-1]} tokens")
     traced = trace(model, lengths[-1])
     steps.done()

@@ -242,6 +242,7 @@ class Attention(nn.Module):
         self.Wqkv = conv1x1(C, 3 * C, config.attention_bias)
         self.Wo = conv1x1(C, C, config.attention_bias)
         self.query_chunk = None       # set to an int to bound the (S, 1, chunk) score tensors
+        self.block = None             # local layers: set to the window radius to attend blockwise, O(S * window)
         self.name = f"layers.{layer}.attn"
 
     def forward(self, x, cos, sin, mask_bias):
@@ -250,6 +251,8 @@ class Attention(nn.Module):
         q, k, v = qkv.split(C, dim=1)                                          # 3 x (B, C, 1, S)
         q = apply_rope(q * self.head_dim ** -0.5, cos, sin, self.heads)        # scale q first: smaller float16 scores
         k = apply_rope(k, cos, sin, self.heads)
+        if self.block:
+            return self.Wo(self.blockwise(q, k, v, mask_bias))                 # (B, C, 1, S)
         chunk = self.query_chunk or S
         outs = []
         for h in range(self.heads):                                            # ANE: one einsum pair per head
@@ -265,6 +268,33 @@ class Attention(nn.Module):
                 parts.append(torch.einsum("bkhq,bchk->bchq", w, vh))           # (B, D, 1, Sq)
             outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=3))
         return self.Wo(torch.cat(outs, dim=1))                                 # (B, C, 1, S)
+
+
+    def blockwise(self, q, k, v, mask_bias):
+        """Local attention without an S x S tensor: queries in blocks of b = window radius, each block
+        attending to its own and its two neighbouring key blocks (3b keys cover |i - j| <= b).
+        mask_bias is in the same block layout: (B, nb, b, 3b). Rank-4 matmuls: coremltools' einsum
+        does not take this blocked form."""
+        B, C, _, S = q.shape
+        b = self.block
+        qb = q.reshape(B, C, S // b, b)                                        # (B, C, nb, b): blocks on the H axis
+        kb, vb = neighbour_blocks(k, b), neighbour_blocks(v, b)                # (B, C, nb, 3b)
+        outs = []
+        for h in range(self.heads):
+            sl = slice(h * self.head_dim, (h + 1) * self.head_dim)
+            scores = qb[:, sl].permute(0, 2, 3, 1) @ kb[:, sl].permute(0, 2, 1, 3)   # (B, nb, b, 3b)
+            w = (scores + mask_bias).softmax(dim=3)
+            out = w @ vb[:, sl].permute(0, 2, 3, 1)                            # (B, nb, b, D)
+            outs.append(out.permute(0, 3, 1, 2))                               # (B, D, nb, b)
+        return torch.cat(outs, dim=1).reshape(B, C, 1, S)                      # (B, C, 1, S)
+
+
+def neighbour_blocks(x, b: int):
+    """(B, C, 1, S) -> (B, C, S/b, 3b): for each block of b positions, the previous, own and next block
+    (zeros beyond the ends, masked out by the block mask)."""
+    B, C, _, S = x.shape
+    x = F.pad(x, (b, b)).reshape(B, C, S // b + 2, b)                          # (B, C, nb + 2, b)
+    return torch.cat([x[:, :, :-2], x[:, :, 1:-1], x[:, :, 2:]], dim=3)       # (B, C, nb, 3b)
 
 
 class MLP(nn.Module):
@@ -398,6 +428,18 @@ class ModernBert(nn.Module):
         for block in self.layers:
             block.attn.query_chunk = chunk if block.attn.is_global else None
 
+    def set_local_attention(self, kind: str) -> None:
+        """"masked": local layers use the global layout with an (S, S) window mask; "blockwise": they attend
+        in blocks of the window radius, O(S * window) memory and work (sequence lengths must be multiples of it)."""
+        if kind not in ("masked", "blockwise"):
+            raise ValueError(f"unknown local attention '{kind}' (masked or blockwise)")
+        for block in self.layers:
+            block.attn.block = self.config.window_radius if kind == "blockwise" and not block.attn.is_global else None
+
+    @property
+    def blockwise(self) -> bool:
+        return any(block.attn.block for block in self.layers)
+
     def segments(self, attention_mask):
         """One-hot text membership (B, K, S) int32 and each token's position within its text (B, S).
         Integer arithmetic: counts and positions up to 8192 are not exact in float16."""
@@ -420,10 +462,28 @@ class ModernBert(nn.Module):
             same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)   # (B, S_k, S_q)
             keep = same.to(dtype)[:, :, None, :]                               # (B, S, 1, S)
         global_bias = (1.0 - keep) * MASK_FILL
+        if self.blockwise:
+            return global_bias, self.block_mask_bias(attention_mask, dtype)
         pos = torch.arange(S, device=attention_mask.device)                    # built from S: right at every length
         far = (pos[:, None] - pos[None, :]).abs() > self.config.window_radius  # (S, S); within a text |i-j| = |p_i-p_j|
         local_bias = global_bias + (far.to(dtype) * MASK_FILL)[None, :, None, :]   # (B, S, 1, S)
         return global_bias, local_bias
+
+    def block_mask_bias(self, attention_mask, dtype):
+        """The local mask in blockwise layout (B, nb, b, 3b), b = window radius: key j of a query block's
+        3b neighbours sits at offset j - b - i from query i; padding, other texts and |offset| > b are masked."""
+        B, S = attention_mask.shape
+        b = self.config.window_radius
+        if S % b:
+            raise ValueError(f"blockwise local attention needs a length that is a multiple of {b}, not {S}")
+        seg = attention_mask.to(dtype) if self.max_texts > 1 else (attention_mask == 1).to(dtype)   # (B, S)
+        keys = neighbour_blocks(seg[:, None, None, :], b)[:, 0, :, None, :]                      # (B, nb, 1, 3b)
+        queries = seg.reshape(B, S // b, b, 1)                                                   # (B, nb, b, 1)
+        keep = (keys > 0).to(dtype) if self.max_texts == 1 else ((keys == queries) & (keys > 0)).to(dtype)
+        j = torch.arange(3 * b, device=attention_mask.device)[None, :]
+        i = torch.arange(b, device=attention_mask.device)[:, None]
+        far = ((j - b - i).abs() > b).to(dtype)[None, None]                   # (1, 1, b, 3b): constant
+        return (1.0 - keep) * MASK_FILL + far * MASK_FILL                      # (B, nb, b, 3b)
 
     def rope(self, kind: str, positions, S: int, dtype):
         cos, sin = getattr(self, f"{kind}_cos"), getattr(self, f"{kind}_sin")   # (L, D)

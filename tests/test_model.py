@@ -270,3 +270,34 @@ def test_packed_texts_equal_separate_runs(checkpoint_factory, tmp_path, task):
             start += n
         if task in ("classify", "embed"):
             assert torch.isfinite(packed).all()                     # the unused 4th slot too
+
+
+@pytest.mark.parametrize("config", ["tiny", "biased"])
+def test_blockwise_local_attention_is_exact(checkpoint_factory, config):
+    """O(S * window) local layers: same outputs as transformers, with padding, at many windows' length."""
+    folder = checkpoint_factory(config, "fill-mask")
+    b = CONFIGS[config]["local_attention"] // 2
+    texts = [EVAL_TEXTS[6], EVAL_TEXTS[0], EVAL_TEXTS[7]]
+    ids, mask = tokenize(build_tokenizer(), texts, 320, pad_to=320)
+    assert 320 % b == 0 and mask.sum(1).min() < 320                  # a multiple of the block, padded rows
+    model, ckpt = ModernBert.from_pretrained(str(folder))
+    model.set_local_attention("blockwise")
+    with torch.no_grad():
+        ours = model(ids, mask)
+        ref = reference_model(ckpt, "fill-mask")(input_ids=ids, attention_mask=mask).logits
+    assert masked_max_diff(ref, ours, mask) <= TOL
+
+
+def test_blockwise_local_attention_with_packing(checkpoint_factory):
+    folder = checkpoint_factory("tiny", "fill-mask")
+    tokenizer = build_tokenizer()
+    ids, seg, lengths = pack(tokenizer, [EVAL_TEXTS[2], EVAL_TEXTS[3], EVAL_TEXTS[4]])
+    extra = -ids.shape[1] % 8                                        # whole blocks of 8, padding at the end
+    ids = torch.nn.functional.pad(ids, (0, extra), value=tokenizer.pad_token_id)
+    seg = torch.nn.functional.pad(seg, (0, extra))
+    masked, _ = ModernBert.from_pretrained(str(folder), max_texts=4)
+    blockwise, _ = ModernBert.from_pretrained(str(folder), max_texts=4)
+    blockwise.set_local_attention("blockwise")
+    with torch.no_grad():
+        a, b = masked(ids, seg), blockwise(ids, seg)
+    assert (a - b)[seg > 0].abs().max() <= TOL
