@@ -1,4 +1,5 @@
 """convert.py: packages that compute what transformers computes, checked on the float16 emulator."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,33 @@ def test_output_inside_the_checkpoint_is_refused(checkpoint_factory, capsys):
     folder = checkpoint_factory("tiny")
     code, err = run_convert([folder, "-o", folder / "x.mlpackage"], capsys)
     assert code == 2 and "inside the checkpoint folder" in err and not (folder / "x.mlpackage").exists()
+
+
+def square_tensor_ops(package, length):
+    """How many ops of the package produce a tensor with two axes of the sequence length."""
+    count = [0]
+
+    def observe(name, op_type, value):
+        count[0] += sum(1 for d in np.shape(value) if d == length) >= 2
+    MLProgramEmulator(str(package)).predict({"input_ids": np.full((1, length), 7, np.int32),
+                                             "attention_mask": np.ones((1, length), np.int32)}, observe=observe)
+    return count[0]
+
+
+def test_blockwise_local_layers_have_no_square_tensor(packages, checkpoint_factory):
+    """At 10x the window radius: the blockwise package matches transformers (with padding), and its only
+    S x S tensors are the global layers' (tiny: 2 global of 4 layers)."""
+    folder = checkpoint_factory("tiny")
+    length = 80                                                 # hidden 64, 3C 192: no axis is 80 by chance
+    blockwise, _ = packages("tiny-blockwise", folder, "--seq-len", length, "--local-attention", "blockwise")
+    masked, _ = packages("tiny-masked", folder, "--seq-len", length, "--local-attention", "masked", "--skip-check")
+    assert read_metadata(blockwise)["local_attention"] == "blockwise"
+    ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[6]], 70, pad_to=70)
+    ids = torch.nn.functional.pad(ids, (0, length - 70), value=build_tokenizer().pad_token_id)
+    mask = torch.nn.functional.pad(mask, (0, length - 70))
+    ours, ref = emulate(blockwise, ids, mask), transformers_logits(folder, ids, mask)
+    valid = mask.numpy().astype(bool)
+    assert distribution_metrics(ref[valid], ours[valid])["top1_agreement"] >= 0.99
+    layer_types = json.loads((folder / "config.json").read_text())["layer_types"]
+    share = layer_types.count("full_attention") / len(layer_types)
+    assert square_tensor_ops(blockwise, length) <= share * square_tensor_ops(masked, length)
