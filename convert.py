@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-chunk", type=int, help="global attention in query chunks of N tokens (single --seq-len)")
     p.add_argument("--max-texts", type=int, default=1, metavar="K",
                    help="pack up to K texts into one prediction (attention_mask carries segment ids; default 1)")
+    p.add_argument("--compress", choices=("none", "int8"), default="none",
+                   help="int8: per-channel symmetric weight quantization of every conv and the token embeddings "
+                        "(about half the size); default none (float16 weights)")
     p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the checkpoint's own)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("-o", "--output", help="output .mlpackage (default: named from model, task, rotation, lengths)")
@@ -80,10 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_output_name(source: str, task: str, rotation: str, seed: int, lengths: list[int]) -> str:
+def default_output_name(source: str, task: str, rotation: str, seed: int, lengths: list[int],
+                        compress: str = "none") -> str:
     slug = re.sub(r"[^\w.-]+", "-", Path(source.rstrip("/")).name) or "model"
     seed_part = f"-seed{seed}" if rotation != "none" and seed else ""
-    return f"{slug}-{task}-{rotation}{seed_part}-{'-'.join(map(str, lengths))}.mlpackage"
+    compress_part = "" if compress == "none" else f"-{compress}"
+    return f"{slug}-{task}-{rotation}{seed_part}{compress_part}-{'-'.join(map(str, lengths))}.mlpackage"
 
 
 def validate(args) -> list[int]:
@@ -169,6 +174,32 @@ def to_mlprogram(traced, task: str, lengths: list[int], target: str):
                       compute_units=ct.ComputeUnit.CPU_AND_NE, skip_model_load=True)
 
 
+EMBEDDING_GAIN_LIMIT = 50.0     # above this embedding-norm weight, int8 token embeddings lose the outlier tokens
+
+
+def compress_weights(mlmodel, model: ModernBert, mode: str, embedding_gain: float):
+    """Quantize the weights of convs and the token-embedding gather. Kept in float16: the RoPE tables (read
+    by gather in packing packages: exact tables, not learned weights) and the two C x C convs the rotation
+    adds (`embeddings.proj` carries the embedding norm's weight, thousands on the massive channels: one
+    int8 scale per output row would round every other entry of the row to zero). The token embeddings
+    stay float16 too when the embedding norm's weight is large (checkpoints with massive activations):
+    the norm multiplies their rounding error by that weight, thousands on the massive channels."""
+    import coremltools.optimize.coreml as cto
+    config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+    ops = mlmodel._mil_program.functions["main"].operations
+    keep = {op.name: None for op in ops if op.op_type == "gather"
+            and tuple(op.inputs["x"].shape) == (model.config.max_position_embeddings, model.config.head_dim)}
+    if embedding_gain > EMBEDDING_GAIN_LIMIT:
+        print(f"      token embeddings kept in float16: the embedding norm's weight reaches {embedding_gain:.0f}",
+              file=sys.stderr)
+        keep.update({op.name: None for op in ops if op.op_type == "gather"
+                     and tuple(op.inputs["x"].shape) == (model.config.vocab_size, model.config.hidden_size)})
+    keep.update({op.name: None for op in ops if op.op_type == "conv"
+                 and any(part in op.inputs["weight"].name for part in ("embeddings_proj", "final_proj"))})
+    return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(
+        op_type_configs={"conv": config, "gather": config}, op_name_configs=keep))
+
+
 def describe(mlmodel, model: ModernBert, ckpt, tokenizer, tokenizer_source: str, args, lengths) -> None:
     cfg = model.config
     mlmodel.author = "modernbert-ane convert.py"
@@ -189,7 +220,7 @@ def describe(mlmodel, model: ModernBert, ckpt, tokenizer, tokenizer_source: str,
         "rotation": args.rotation, "rotation_seed": args.seed if args.rotation != "none" else None,
         "seq_lengths": lengths, "version": PROJECT_VERSION, "output": OUTPUT_NAMES[model.task],
         "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "deployment_target": args.deployment_target,
-        "compute_units": "CPU_AND_NE", "local_attention": "blockwise" if model.blockwise else "masked", "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
+        "compute_units": "CPU_AND_NE", "compress": args.compress, "local_attention": "blockwise" if model.blockwise else "masked", "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
         "sep_token_id": tokenizer.sep_token_id, "mask_token_id": tokenizer.mask_token_id, "labels": labels,
         "problem_type": problem if model.task == "classify" else None,
         "pooling": model.pooling if model.task in POOLED_TASKS else None,
@@ -319,9 +350,11 @@ def main(argv) -> int:
                                           else str(ckpt.root))
     if max(lengths) > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {max(lengths)} exceeds the model's {model.config.max_position_embeddings} positions")
-    output = Path(args.output or default_output_name(ckpt.source, model.task, args.rotation, args.seed, lengths))
+    output = Path(args.output or default_output_name(ckpt.source, model.task, args.rotation, args.seed, lengths,
+                                                     args.compress))
     check_output(output, ckpt.root, args.force)
     steps.done()
+    embedding_gain = float(model.embeddings.norm.weight.abs().max())             # before rotation folds it
     if args.rotation != "none":
         steps.start(f"rotating ({args.rotation}, seed {args.seed})")
         rotate_model(model, args.rotation, args.seed)
@@ -335,6 +368,8 @@ def main(argv) -> int:
     steps.start("converting to an ML Program (float16)")
     mlmodel = to_mlprogram(traced, model.task, lengths, args.deployment_target)
     del traced
+    if args.compress != "none":
+        mlmodel = compress_weights(mlmodel, model, args.compress, embedding_gain)
     describe(mlmodel, model, ckpt, tokenizer, tokenizer_source, args, lengths)
     steps.done()
     readiness = Readiness(list(mlmodel._mil_program.functions["main"].operations))

@@ -205,3 +205,20 @@ def test_blockwise_local_layers_have_no_square_tensor(packages, checkpoint_facto
     layer_types = json.loads((folder / "config.json").read_text())["layer_types"]
     share = layer_types.count("full_attention") / len(layer_types)
     assert square_tensor_ops(blockwise, length) <= share * square_tensor_ops(masked, length)
+
+
+def weights_bytes(package):
+    return sum(p.stat().st_size for p in (Path(package) / "Data").rglob("*") if p.is_file() and "weights" in p.parts)
+
+
+@pytest.mark.parametrize("outliers", [False, True], ids=["plain", "planted-outliers"])
+def test_int8_compression(packages, checkpoint_factory, outliers):
+    folder = checkpoint_factory("tiny", outliers=outliers)
+    fp16, _ = packages(f"fp16-{outliers}", folder, "--seq-len", LONG, "--skip-check")
+    int8, _ = packages(f"int8-{outliers}", folder, "--seq-len", LONG, "--compress", "int8")
+    ratio = weights_bytes(int8) / weights_bytes(fp16)
+    assert ratio < (0.75 if outliers else 0.6), ratio            # outliers: token embeddings stay float16
+    assert read_metadata(int8)["compress"] == "int8"
+    ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[7]], LONG, pad_to=LONG)
+    ours, ref = emulate(int8, ids, mask), transformers_logits(folder, ids, mask)
+    assert distribution_metrics(ref[0], ours[0])["top1_agreement"] >= 0.98
