@@ -31,13 +31,14 @@ class Checkpoint:
     config: dict                # config.json, parsed
     revision: str | None = None  # hub commit, when downloaded
     modules: list = field(default_factory=list)  # sentence-transformers modules.json entries, [] otherwise
+    allow_pickle: bool = False  # pytorch_model.bin may be read (with weights_only=True) when no safetensors exist
 
     @property
     def is_sentence_transformers(self) -> bool:
         return bool(self.modules)
 
 
-def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Checkpoint:
+def resolve_checkpoint(name_or_path: str, revision: str | None = None, allow_pickle: bool = False) -> Checkpoint:
     """A local folder as is, or a hub id downloaded (or taken from the local hub cache)."""
     local = Path(name_or_path).expanduser()
     if local.exists():
@@ -45,19 +46,20 @@ def resolve_checkpoint(name_or_path: str, revision: str | None = None) -> Checkp
             raise CheckpointError(f"{name_or_path} is a file; expected a checkpoint folder (with config.json)")
         root, commit = local.resolve(), None
     elif _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/", "~")):
-        root, commit = _download(name_or_path, revision)
+        root, commit = _download(name_or_path, revision, allow_pickle)
     else:
         raise CheckpointError(f"no such checkpoint folder: {name_or_path}")
     modules = _read_modules(root)
     path = _transformer_folder(root, modules)
     return Checkpoint(source=name_or_path, root=root, path=path, config=read_config(path),
-                      revision=commit, modules=modules)
+                      revision=commit, modules=modules, allow_pickle=allow_pickle)
 
 
-def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
+def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None]:
     try:
         from huggingface_hub import snapshot_download
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES)
+        patterns = _HUB_FILES + (["pytorch_model*.bin"] if allow_pickle else [])
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except Exception as e:  # offline, unreachable, unknown repo, gated...: all end the same way for the user
         reason = "the hub is offline or unreachable" if _looks_offline(e) else f"{type(e).__name__}: {e}"
         raise CheckpointError(f"cannot download '{repo_id}' from the Hugging Face hub ({reason}); "
@@ -109,8 +111,8 @@ def read_json(path: Path):
         raise CheckpointError(f"cannot read {path}: {e}") from e
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, in shard order."""
+def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    """The safetensors files of a checkpoint, in shard order (or its pickle file, when allowed)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(read_json(index).get("weight_map", {}).values()))
@@ -125,19 +127,27 @@ def weight_files(folder: Path) -> list[Path]:
     if others:
         return others
     if (folder / "pytorch_model.bin").exists():
-        raise CheckpointError(f"{folder} has only pickle weights (pytorch_model.bin); "
-                              f"save the checkpoint as safetensors (model.save_pretrained(..., safe_serialization=True))")
+        if allow_pickle:
+            return [folder / "pytorch_model.bin"]
+        raise CheckpointError(f"{folder} has only pickle weights (pytorch_model.bin); pass --allow-pickle to read "
+                              f"them (tensors only, weights_only=True) or save the checkpoint as safetensors")
     raise CheckpointError(f"{folder} has no .safetensors weights")
 
 
-def load_state_dict(folder: Path) -> dict:
-    """All tensors of the checkpoint's safetensors files, by their stored names."""
+def load_state_dict(folder: Path, allow_pickle: bool = False) -> dict:
+    """All tensors of the checkpoint's weight files, by their stored names. A pickle file is read only when
+    allowed, and then with torch.load(weights_only=True): tensors, never code."""
+    import pickle
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     tensors = {}
-    for file in weight_files(folder):
+    for file in weight_files(folder, allow_pickle):
         try:
+            if file.suffix == ".bin":
+                tensors.update(torch.load(file, map_location="cpu", weights_only=True))
+                continue
             tensors.update(load_file(str(file)))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read weights from {file} (truncated or damaged?): {e}") from e
+        except (SafetensorError, OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            raise CheckpointError(f"cannot read weights from {file} (truncated or damaged, or a pickle holding more than tensors?): {e}") from e
     return tensors

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(about half the size); default none (float16 weights)")
     p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the checkpoint's own)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pytorch_model.bin when a checkpoint has no safetensors (tensors only, weights_only=True)")
     p.add_argument("-o", "--output", help="output .mlpackage (default: named from model, task, rotation, lengths)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--check-backend", choices=BACKENDS, default="auto",
@@ -344,7 +346,7 @@ def main(argv) -> int:
     steps = Progress(6 - args.skip_check - (args.rotation == "none"))
     steps.start(f"loading {args.model}")
     model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision,
-                                             max_texts=args.max_texts)
+                                             max_texts=args.max_texts, allow_pickle=args.allow_pickle)
     tokenizer = load_tokenizer(args.tokenizer or ckpt.root)
     tokenizer_source = args.tokenizer or (ckpt.source if ckpt.revision or not Path(ckpt.source).exists()
                                           else str(ckpt.root))

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=512, help="tokens per evaluation text at most")
     p.add_argument("--query-chunk", type=int, help="global attention in query chunks of this many tokens")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pytorch_model.bin when a checkpoint has no safetensors (tensors only, weights_only=True)")
     p.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -105,7 +107,8 @@ def main(argv) -> int:
     args = build_parser().parse_args(argv)
     check_output_path(args.json, args.force)
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision)
+    model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision,
+                                             allow_pickle=args.allow_pickle)
     if args.rotation != "none":
         print(f"rotating ({args.rotation}, seed {args.seed}) ...", file=sys.stderr)
         rotate_model(model, args.rotation, args.seed)

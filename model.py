@@ -535,9 +535,9 @@ class ModernBert(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, task: str | None = None, revision: str | None = None,
-                        max_texts: int = 1):
+                        max_texts: int = 1, allow_pickle: bool = False):
         """Load a hub id or local folder; returns (model, checkpoint). Fails loudly on any key mismatch."""
-        ckpt = resolve_checkpoint(name_or_path, revision)
+        ckpt = resolve_checkpoint(name_or_path, revision, allow_pickle)
         return cls.from_checkpoint(ckpt, task, max_texts), ckpt
 
     @classmethod
@@ -548,7 +548,7 @@ class ModernBert(nn.Module):
             head, head_weights = sentence_head_from_checkpoint(ckpt, config)
         model = cls(config, task, max_texts, head if task == "embed" else None)
         extra = {f"sentence_head.{k}": v for k, v in head_weights.items()} if task == "embed" else {}
-        model.load_checkpoint_weights(load_state_dict(ckpt.path), str(ckpt.path), extra)
+        model.load_checkpoint_weights(load_state_dict(ckpt.path, ckpt.allow_pickle), str(ckpt.path), extra)
         return model.eval()
 
     def load_checkpoint_weights(self, tensors: dict, where: str, extra_state: dict | None = None) -> None:

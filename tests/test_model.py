@@ -301,3 +301,32 @@ def test_blockwise_local_attention_with_packing(checkpoint_factory):
     with torch.no_grad():
         a, b = masked(ids, seg), blockwise(ids, seg)
     assert (a - b)[seg > 0].abs().max() <= TOL
+
+
+def test_pickle_weights_need_allow_pickle(checkpoint_factory, tmp_path):
+    folder = tmp_path / "pickle"
+    shutil.copytree(checkpoint_factory("tiny", "fill-mask"), folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(tensors, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        ModernBert.from_pretrained(str(folder))
+    model, _ = ModernBert.from_pretrained(str(folder), allow_pickle=True)
+    reference, _ = ModernBert.from_pretrained(str(checkpoint_factory("tiny", "fill-mask")))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_pickle_with_code_is_refused(checkpoint_factory, tmp_path):
+    """weights_only=True: a pickle that would run code is an error, not an execution."""
+    folder = tmp_path / "evil"
+    shutil.copytree(checkpoint_factory("tiny", "fill-mask"), folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    torch.save({"x": Evil()}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="a pickle holding more than tensors"):
+        ModernBert.from_pretrained(str(folder), allow_pickle=True)
+    assert not marker.exists()
