@@ -26,8 +26,9 @@ import torch
 
 from ane_readiness import Readiness
 from checkpoint import DEFAULT_MODEL
-from evaluation import EVAL_TEXTS, distribution_metrics, cosine_metrics, load_tokenizer, tokenize
-from mlpackage import BACKENDS, PROJECT_VERSION, PackageRunner, write_metadata
+from evaluation import (EVAL_TEXTS, check_output_path, cosine_metrics, distribution_metrics, load_tokenizer,
+                        tokenize)
+from mlpackage import BACKENDS, PROJECT_VERSION, PackageRunner, package_inputs, write_metadata
 from model import POOLED_TASKS, TASKS, ModernBert
 from quiet_coremltools import import_coremltools
 from rotations import ROTATION_KINDS, rotate_model
@@ -127,8 +128,7 @@ def check_output(output: Path, checkpoint_dir: Path | None, force: bool) -> None
         raise UserError(f"output folder {output.parent} does not exist")
     if checkpoint_dir is not None and output.resolve().is_relative_to(checkpoint_dir.resolve()):
         raise UserError(f"output {output} is inside the checkpoint folder {checkpoint_dir}; write it elsewhere")
-    if output.exists() and not force:
-        raise UserError(f"{output} exists; pass --force to overwrite it")
+    check_output_path(str(output), force)
 
 
 class Progress:
@@ -249,10 +249,8 @@ def make_deterministic(package: Path) -> None:
 def packed_input(tokenizer, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One row holding the texts back to back, attention_mask = segment ids 1..K, then padding."""
     rows = [tokenizer(t, truncation=True, max_length=length // len(texts))["input_ids"] for t in texts]
-    ids = sum(rows, [])
-    seg = sum(([k + 1] * len(r) for k, r in enumerate(rows)), [])
-    pad = length - len(ids)
-    return torch.tensor([ids + [tokenizer.pad_token_id] * pad]), torch.tensor([seg + [0] * pad])
+    inputs = package_inputs(rows, length, tokenizer.pad_token_id)
+    return torch.from_numpy(inputs["input_ids"]).long(), torch.from_numpy(inputs["attention_mask"]).long()
 
 
 def check_runs(model: ModernBert, tokenizer, lengths: list[int]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

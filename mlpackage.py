@@ -71,6 +71,20 @@ def input_lengths(path) -> list[int]:
     raise PackageError(f"{path} has no input_ids input")
 
 
+def package_inputs(seqs: list[list[int]], length: int, pad_id: int) -> dict:
+    """A package's inputs for token-id sequences: input_ids and attention_mask (1, length) int32, the texts
+    one after the other, then padding.
+    attention_mask is the text's segment id (1, 2, ...; just 1 for a single text) and 0 on padding."""
+    ids = np.full((1, length), pad_id, dtype=np.int32)
+    mask = np.zeros((1, length), dtype=np.int32)
+    start = 0
+    for segment, seq in enumerate(seqs, start=1):
+        ids[0, start:start + len(seq)] = seq
+        mask[0, start:start + len(seq)] = segment
+        start += len(seq)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise UserError(f"unknown backend '{backend}' (one of {', '.join(BACKENDS)})")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation import load_tokenizer
-from mlpackage import BACKENDS, PackageError, PackageRunner, input_lengths, read_metadata
+from mlpackage import BACKENDS, PackageError, PackageRunner, input_lengths, package_inputs, read_metadata
 from user_errors import UserError, run_cli
 
 TASKS = ("fill-mask", "encoder", "classify", "token-classify", "embed")
@@ -163,19 +163,6 @@ def pack_groups(sizes: list[int], limit: int, max_texts: int) -> list[list[int]]
     return groups
 
 
-def make_inputs(seqs: list[list[int]], length: int, pad_id: int) -> dict:
-    """input_ids and attention_mask (1, length) int32: the texts one after the other, then padding.
-    attention_mask is the text's segment id (1, 2, ...; just 1 for a single text) and 0 on padding."""
-    ids = np.full((1, length), pad_id, dtype=np.int32)
-    mask = np.zeros((1, length), dtype=np.int32)
-    start = 0
-    for segment, seq in enumerate(seqs, start=1):
-        ids[0, start:start + len(seq)] = seq
-        mask[0, start:start + len(seq)] = segment
-        start += len(seq)
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def run_all(runner, meta: dict, seqs: list[list[int]], lengths: list[int], pad_id: int, max_texts):
     """(per text {'rows': its output, (tokens, X) or pooled (X,); 'length': its prediction's length},
     number of predictions run)."""
@@ -185,7 +172,7 @@ def run_all(runner, meta: dict, seqs: list[list[int]], lengths: list[int], pad_i
     for group in groups:
         total = sum(len(seqs[i]) for i in group)
         length = next(n for n in lengths if n >= total)
-        outputs = runner.predict(make_inputs([seqs[i] for i in group], length, pad_id))
+        outputs = runner.predict(package_inputs([seqs[i] for i in group], length, pad_id))
         if name not in outputs:
             raise UserError(f"the package has no output '{name}' (it has {', '.join(sorted(outputs))})")
         out = outputs[name]

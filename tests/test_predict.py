@@ -16,6 +16,7 @@ import torch
 
 import convert
 import predict
+from mlpackage import package_inputs
 from checkpoints import build_sentence_transformers
 from user_errors import UserError, run_cli
 
@@ -95,12 +96,12 @@ def test_pack_groups_fill_greedily():
     assert predict.pack_groups([30, 5, 40, 64], 64, 3) == [[0, 1], [2], [3]]
 
 
-def test_make_inputs_segment_ids():
-    inputs = predict.make_inputs([[1, 5, 2], [1, 6, 7, 2]], 10, 3)
+def test_package_inputs_segment_ids():
+    inputs = package_inputs([[1, 5, 2], [1, 6, 7, 2]], 10, 3)
     assert inputs["input_ids"].dtype == np.int32 and inputs["input_ids"].shape == (1, 10)
     assert inputs["input_ids"].tolist() == [[1, 5, 2, 1, 6, 7, 2, 3, 3, 3]]
     assert inputs["attention_mask"].tolist() == [[1, 1, 1, 2, 2, 2, 2, 0, 0, 0]]
-    assert predict.make_inputs([[1, 5, 2]], 4, 3)["attention_mask"].tolist() == [[1, 1, 1, 0]]
+    assert package_inputs([[1, 5, 2]], 4, 3)["attention_mask"].tolist() == [[1, 1, 1, 0]]
 
 
 def test_classify_scores_per_problem_type():
