@@ -31,10 +31,16 @@ INDEX_OPS = {"shape", "range_1d", "gather", "cast", "slice_by_index", "concat", 
 class Readiness:
     """Collects the summary; `observe` plugs into the emulator to see real shapes at a real length."""
 
-    def __init__(self, program_ops):
-        self.op_counts = Counter(op.op_type for op in program_ops if op.op_type != "const")
+    def __init__(self, program_ops=()):
+        self.op_counts = Counter()
         self.flags: dict[str, set] = {}
         self.largest = ("", "", (), 0)                       # (op name, op type, shape, elements)
+        self.add_ops(program_ops)
+
+    def add_ops(self, program_ops) -> None:
+        """Count and check the ops of one program (call once per function of a multi-function package)."""
+        program_ops = list(program_ops)
+        self.op_counts.update(op.op_type for op in program_ops if op.op_type != "const")
         for op in program_ops:
             if op.op_type not in INDEX_OPS | {"const"} and any(o.dtype == types.fp32 for o in op.outputs):
                 self.flag("float32-compute", f"{op.op_type} {op.name}")

@@ -45,7 +45,7 @@ def resolve_checkpoint(name_or_path: str, revision: str | None = None, allow_pic
         if not local.is_dir():
             raise CheckpointError(f"{name_or_path} is a file; expected a checkpoint folder (with config.json)")
         root, commit = local.resolve(), None
-    elif _HUB_ID.match(name_or_path) and not name_or_path.startswith((".", "/", "~")):
+    elif is_hub_id(name_or_path):
         root, commit = _download(name_or_path, revision, allow_pickle)
     else:
         raise CheckpointError(f"no such checkpoint folder: {name_or_path}")
@@ -53,6 +53,11 @@ def resolve_checkpoint(name_or_path: str, revision: str | None = None, allow_pic
     path = _transformer_folder(root, modules)
     return Checkpoint(source=name_or_path, root=root, path=path, config=read_config(path),
                       revision=commit, modules=modules, allow_pickle=allow_pickle)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a hub repository id ("owner/name"), not as a local path."""
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
 
 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None]:
@@ -95,9 +100,11 @@ def _transformer_folder(root: Path, modules: list) -> Path:
 
 def read_config(folder: Path) -> dict:
     config_file = folder / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists():
         raise CheckpointError(f"{folder} has no config.json; is it a checkpoint folder?")
-    config = read_json(config_file)
+    config = read_json(config_file)                  # a folder or an unreadable file: "cannot read"
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object; is it a model's config.json?")
     model_type = config.get("model_type")
     if model_type != "modernbert":
         raise CheckpointError(f"{config_file} describes a '{model_type}' model; only 'modernbert' is supported")
@@ -106,9 +113,13 @@ def read_config(folder: Path) -> dict:
 
 def read_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror or e})") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"cannot read {path}: not valid JSON ({e})") from e
 
 
 def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
@@ -134,6 +145,26 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     raise CheckpointError(f"{folder} has no .safetensors weights")
 
 
+def _damaged_weights(file: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot read weights from {file} (truncated or damaged, or a pickle holding more "
+                           f"than tensors?): {e}")
+
+
+def check_weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
+    """weight_files(), each safetensors header read (cheap: no tensor is loaded), so that a truncated or
+    damaged file is a CheckpointError before another library reads it."""
+    from safetensors import SafetensorError, safe_open
+    files = weight_files(folder, allow_pickle)
+    for file in files:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise _damaged_weights(file, e) from e
+    return files
+
+
 def load_state_dict(folder: Path, allow_pickle: bool = False) -> dict:
     """All tensors of the checkpoint's weight files, by their stored names. A pickle file is read only when
     allowed, and then with torch.load(weights_only=True): tensors, never code."""
@@ -149,5 +180,5 @@ def load_state_dict(folder: Path, allow_pickle: bool = False) -> dict:
                 continue
             tensors.update(load_file(str(file)))
         except (SafetensorError, OSError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-            raise CheckpointError(f"cannot read weights from {file} (truncated or damaged, or a pickle holding more than tensors?): {e}") from e
+            raise _damaged_weights(file, e) from e
     return tensors

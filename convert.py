@@ -10,11 +10,10 @@ run by the float16 emulator (or Core ML on macOS) and compared with the float32 
 threshold the conversion fails and nothing is written.
 """
 import argparse
+import functools
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 import json
@@ -26,13 +25,15 @@ import torch
 
 from ane_readiness import Readiness
 from checkpoint import DEFAULT_MODEL
-from evaluation import (EVAL_TEXTS, check_output_path, cosine_metrics, distribution_metrics, load_tokenizer,
+from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, cosine_metrics, distribution_metrics, load_tokenizer,
                         tokenize)
-from mlpackage import BACKENDS, PROJECT_VERSION, PackageRunner, package_inputs, write_metadata
+from mlpackage import (BACKENDS, PROJECT_VERSION, PackageRunner, function_description, package_inputs, package_spec,
+                       save_spec, write_metadata)
 from model import POOLED_TASKS, TASKS, ModernBert
+from output_files import publish, staging_folder
 from quiet_coremltools import import_coremltools
 from rotations import ROTATION_KINDS, rotate_model
-from user_errors import UserError, run_cli
+from user_errors import UserError, run_cli, writing
 
 OUTPUT_NAMES = {"fill-mask": "logits", "encoder": "hidden_states", "classify": "logits", "token-classify": "logits",
                 "embed": "embeddings"}
@@ -46,9 +47,12 @@ OUTPUT_DESCRIPTIONS = {
 MASK_DESCRIPTION = {False: "1 for a token, 0 for padding, int32",
                     True: "which packed text a token belongs to (1..K, texts contiguous and in order), 0 for "
                           "padding, int32; a single text is all 1s"}
-# Enumerated shapes on two inputs need iOS 18 / macOS 15; a single fixed length runs from iOS 17 / macOS 14.
+# target -> (coremltools target, has iOS 18 / macOS 15 features). Those features: enumerated shapes on two
+# inputs, multi-function packages, per-grouped-channel palettes. Without them: one length, one task, int8.
 TARGETS = {"macOS15": ("macOS15", True), "iOS18": ("iOS18", True), "macOS14": ("macOS14", False),
            "iOS17": ("iOS17", False)}
+COMPRESS_MODES = ("none", "int8", "palettize4", "palettize6", "palettize8")
+PALETTE_GROUP = 32              # output channels sharing one palette (per-grouped-channel: iOS 18 / macOS 15)
 CHECK_MIN_TOP1 = 0.9            # of the package against this model in float32, on the check texts
 CHECK_MIN_COSINE = 0.99
 
@@ -58,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hub id or local folder (default {DEFAULT_MODEL})")
     p.add_argument("--seq-len", type=int, nargs="+", default=[512], metavar="N",
                    help="sequence length(s) the package accepts (default 512)")
-    p.add_argument("--task", choices=TASKS, help="default: from the checkpoint's architectures")
+    p.add_argument("--task", choices=TASKS, nargs="+",
+                   help="default: from the checkpoint's architectures; several make a multi-function package "
+                        "(one function per task, named fill_mask, embed, ...; the encoder's weights stored once)")
     p.add_argument("--rotation", choices=ROTATION_KINDS, default="hadamard",
                    help="orthogonal rotation fused into the weights so float16 holds the activations (default hadamard)")
     p.add_argument("--seed", type=int, default=0, help="rotation seed (default 0)")
@@ -70,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-chunk", type=int, help="global attention in query chunks of N tokens (single --seq-len)")
     p.add_argument("--max-texts", type=int, default=1, metavar="K",
                    help="pack up to K texts into one prediction (attention_mask carries segment ids; default 1)")
-    p.add_argument("--compress", choices=("none", "int8"), default="none",
-                   help="int8: per-channel symmetric weight quantization of every conv and the token embeddings "
-                        "(about half the size); default none (float16 weights)")
+    p.add_argument("--compress", choices=COMPRESS_MODES, default="none",
+                   help="int8: per-channel symmetric int8 weights (about half the size); palettizeN: 2^N-entry "
+                        "k-means palettes per group of 32 output channels (N/16 of the size; macOS15/iOS18); "
+                        "convs and token embeddings; default none (float16 weights)")
     p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the checkpoint's own)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -86,21 +93,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_output_name(source: str, task: str, rotation: str, seed: int, lengths: list[int],
+def default_output_name(source: str, tasks: list[str], rotation: str, seed: int, lengths: list[int],
                         compress: str = "none") -> str:
     slug = re.sub(r"[^\w.-]+", "-", Path(source.rstrip("/")).name) or "model"
     seed_part = f"-seed{seed}" if rotation != "none" and seed else ""
     compress_part = "" if compress == "none" else f"-{compress}"
-    return f"{slug}-{task}-{rotation}{seed_part}{compress_part}-{'-'.join(map(str, lengths))}.mlpackage"
+    return f"{slug}-{'+'.join(tasks)}-{rotation}{seed_part}{compress_part}-{'-'.join(map(str, lengths))}.mlpackage"
+
+
+def function_name(task: str) -> str:
+    """A multi-function package's function for a task (function names are identifiers: fill_mask)."""
+    return task.replace("-", "_")
 
 
 def validate(args) -> list[int]:
     lengths = sorted(set(args.seq_len))
+    target, recent = args.deployment_target, TARGETS[args.deployment_target][1]
+    if args.task and len(set(args.task)) < len(args.task):
+        raise UserError(f"--task lists a task twice: {' '.join(args.task)}")
+    if args.task and len(args.task) > 1 and not recent:
+        raise UserError(f"several --task values make a multi-function package, which needs "
+                        f"--deployment-target macOS15 or iOS18 (not {target})")
+    if args.compress.startswith("palettize") and not recent:
+        raise UserError(f"--compress {args.compress} stores one palette per group of channels, which needs "
+                        f"--deployment-target macOS15 or iOS18 (not {target}); --compress int8 runs on {target}")
     if min(lengths) < 2:
         raise UserError("--seq-len must be at least 2 (room for [CLS] and [SEP])")
     if len(lengths) > 128:
         raise UserError("at most 128 sequence lengths fit in one package (Core ML's enumerated-shapes limit)")
-    if len(lengths) > 1 and not TARGETS[args.deployment_target][1]:
+    if len(lengths) > 1 and not recent:
         raise UserError(f"several --seq-len values need enumerated shapes on two inputs, which need "
                         f"--deployment-target macOS15 or iOS18 (not {args.deployment_target})")
     if args.query_chunk is not None and (args.query_chunk < 1 or len(lengths) > 1):
@@ -124,11 +145,9 @@ def local_attention_kind(choice: str, config, lengths: list[int]) -> str:
 def check_output(output: Path, checkpoint_dir: Path | None, force: bool) -> None:
     if output.suffix != ".mlpackage":
         raise UserError(f"output must end in .mlpackage: {output}")
-    if not output.parent.is_dir():
-        raise UserError(f"output folder {output.parent} does not exist")
     if checkpoint_dir is not None and output.resolve().is_relative_to(checkpoint_dir.resolve()):
         raise UserError(f"output {output} is inside the checkpoint folder {checkpoint_dir}; write it elsewhere")
-    check_output_path(str(output), force)
+    check_output_path(str(output), force, folder=True)
 
 
 class Progress:
@@ -143,6 +162,14 @@ class Progress:
     def done(self) -> None:
         self.times[self.what] = time.perf_counter() - self.t0
         print(f"      {self.times[self.what]:.1f} s", file=sys.stderr, flush=True)
+
+    def summary(self) -> str:
+        """Seconds per kind of step ("converting 9.8 s"), summed over the tasks of a multi-function package."""
+        totals = {}
+        for what, seconds in self.times.items():
+            verb = what.split(": ")[-1].split(" ")[0]
+            totals[verb] = totals.get(verb, 0.0) + seconds
+        return ", ".join(f"{verb} {seconds:.1f} s" for verb, seconds in totals.items())
 
 
 class TraceWrapper(torch.nn.Module):
@@ -179,15 +206,47 @@ def to_mlprogram(traced, task: str, lengths: list[int], target: str):
 EMBEDDING_GAIN_LIMIT = 50.0     # above this embedding-norm weight, int8 token embeddings lose the outlier tokens
 
 
-def compress_weights(mlmodel, model: ModernBert, mode: str, embedding_gain: float):
-    """Quantize the weights of convs and the token-embedding gather. Kept in float16: the RoPE tables (read
-    by gather in packing packages: exact tables, not learned weights) and the two C x C convs the rotation
-    adds (`embeddings.proj` carries the embedding norm's weight, thousands on the massive channels: one
-    int8 scale per output row would round every other entry of the row to zero). The token embeddings
-    stay float16 too when the embedding norm's weight is large (checkpoints with massive activations):
-    the norm multiplies their rounding error by that weight, thousands on the massive channels."""
+def kmeans_palette(weight: np.ndarray, nbits: int, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """A 2**nbits-entry palette for `weight` by 1-D k-means and each value's index into it. Lloyd's
+    iterations on the sorted values, started at evenly spaced quantiles: deterministic, no random restarts
+    (coremltools' own k-means needs scikit-learn)."""
+    values = np.asarray(weight, dtype=np.float64).reshape(-1)
+    ordered = np.sort(values)
+    k = 1 << nbits
+    centres = np.quantile(ordered, (np.arange(k) + 0.5) / k)
+    for _ in range(iterations):
+        cluster = np.searchsorted((centres[1:] + centres[:-1]) / 2, ordered)  # nearest centre: 1-D, sorted
+        counts = np.bincount(cluster, minlength=k)
+        sums = np.bincount(cluster, weights=ordered, minlength=k)
+        updated = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), centres))
+        if np.array_equal(updated, centres):
+            break
+        centres = updated
+    palette = centres.astype(weight.dtype)                          # what the package stores
+    stored = palette.astype(np.float64)
+    indices = np.searchsorted((stored[1:] + stored[:-1]) / 2, values)
+    return palette, indices.astype(np.uint8)
+
+
+def compression_config(mode: str):
+    """coremltools' op config for a --compress mode."""
     import coremltools.optimize.coreml as cto
-    config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+    if mode == "int8":
+        return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
+    return cto.OpPalettizerConfig(mode="custom", lut_function=functools.partial(kmeans_palette,
+                                                                                nbits=int(mode[len("palettize"):])),
+                                  granularity="per_grouped_channel", group_size=PALETTE_GROUP)
+
+
+def compress_weights(mlmodel, model: ModernBert, mode: str, embedding_gain: float):
+    """Quantize (int8) or palettize the weights of convs and the token-embedding gather. Kept in float16:
+    the RoPE tables (read by gather in packing packages: exact tables, not learned weights) and the two
+    C x C convs the rotation adds (`embeddings.proj` carries the embedding norm's weight, thousands on the
+    massive channels: one int8 scale per output row, or one palette per group of rows, would round every
+    other entry of the row to zero). The token embeddings stay float16 too when the embedding norm's
+    weight is large (checkpoints with massive activations): the norm multiplies their rounding error by
+    that weight, thousands on the massive channels."""
+    import coremltools.optimize.coreml as cto
     ops = mlmodel._mil_program.functions["main"].operations
     keep = {op.name: None for op in ops if op.op_type == "gather"
             and tuple(op.inputs["x"].shape) == (model.config.max_position_embeddings, model.config.head_dim)}
@@ -198,39 +257,67 @@ def compress_weights(mlmodel, model: ModernBert, mode: str, embedding_gain: floa
                      and tuple(op.inputs["x"].shape) == (model.config.vocab_size, model.config.hidden_size)})
     keep.update({op.name: None for op in ops if op.op_type == "conv"
                  and any(part in op.inputs["weight"].name for part in ("embeddings_proj", "final_proj"))})
-    return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(
-        op_type_configs={"conv": config, "gather": config}, op_name_configs=keep))
+    config = cto.OptimizationConfig(op_type_configs={"conv": compression_config(mode),
+                                                     "gather": compression_config(mode)}, op_name_configs=keep)
+    if mode == "int8":
+        return cto.linear_quantize_weights(mlmodel, config)
+    return cto.palettize_weights(mlmodel, config)
 
 
-def describe(mlmodel, model: ModernBert, ckpt, tokenizer, tokenizer_source: str, args, lengths) -> None:
-    cfg = model.config
-    mlmodel.author = "modernbert-ane convert.py"
-    mlmodel.short_description = (f"ModernBERT {model.task} ({ckpt.source}), float16, rotation {args.rotation}, "
-                                 f"sequence lengths {', '.join(map(str, lengths))}")
-    mlmodel.version = PROJECT_VERSION
-    mlmodel.input_description["input_ids"] = "token ids from the model's tokenizer ([CLS] ... [SEP], then [PAD]), int32"
-    mlmodel.input_description["attention_mask"] = MASK_DESCRIPTION[model.max_texts > 1]
-    mlmodel.output_description[OUTPUT_NAMES[model.task]] = OUTPUT_DESCRIPTIONS[model.task]
+def task_metadata(model: ModernBert, ckpt) -> dict:
+    """What a package (or one function of it) declares about its task: output, labels, pooling."""
+    cfg, task = model.config, model.task
     labels = None
-    if model.task in ("classify", "token-classify"):
+    if task in ("classify", "token-classify"):
         id2label = ckpt.config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
         labels = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(cfg.num_labels)]
     problem = ckpt.config.get("problem_type") or (
-        "regression" if model.task == "classify" and cfg.num_labels == 1 else "single_label_classification")
-    write_metadata(mlmodel, {
-        "task": model.task, "source": ckpt.source, "revision": ckpt.revision, "tokenizer": tokenizer_source,
-        "rotation": args.rotation, "rotation_seed": args.seed if args.rotation != "none" else None,
-        "seq_lengths": lengths, "version": PROJECT_VERSION, "output": OUTPUT_NAMES[model.task],
-        "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size, "deployment_target": args.deployment_target,
-        "compute_units": "CPU_AND_NE", "compress": args.compress, "local_attention": "blockwise" if model.blockwise else "masked", "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
-        "sep_token_id": tokenizer.sep_token_id, "mask_token_id": tokenizer.mask_token_id, "labels": labels,
-        "problem_type": problem if model.task == "classify" else None,
-        "pooling": model.pooling if model.task in POOLED_TASKS else None,
-        "max_texts": model.max_texts,
-        "embedding_dim": model.sentence_head.dense[-1].out_channels if model.task == "embed" and
-        len(model.sentence_head.dense) else (cfg.hidden_size if model.task == "embed" else None),
-        "normalized": model.sentence_head.normalize if model.task == "embed" else None,
-    })
+        "regression" if task == "classify" and cfg.num_labels == 1 else "single_label_classification")
+    embedding_dim = None
+    if task == "embed":
+        dense = model.sentence_head.dense
+        embedding_dim = dense[-1].out_channels if len(dense) else cfg.hidden_size
+    return {"task": task, "output": OUTPUT_NAMES[task], "labels": labels,
+            "problem_type": problem if task == "classify" else None,
+            "pooling": model.pooling if task in POOLED_TASKS else None, "embedding_dim": embedding_dim,
+            "normalized": model.sentence_head.normalize if task == "embed" else None}
+
+
+def package_metadata(models: dict, ckpt, tokenizer, tokenizer_source: str, args, lengths) -> dict:
+    """The package's metadata; a multi-function package keeps the per-task part under "functions"."""
+    first = next(iter(models.values()))
+    cfg = first.config
+    meta = {"source": ckpt.source, "revision": ckpt.revision, "tokenizer": tokenizer_source,
+            "rotation": args.rotation, "rotation_seed": args.seed if args.rotation != "none" else None,
+            "seq_lengths": lengths, "version": PROJECT_VERSION, "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size, "deployment_target": args.deployment_target, "compute_units": "CPU_AND_NE",
+            "compress": args.compress, "local_attention": "blockwise" if first.blockwise else "masked",
+            "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
+            "sep_token_id": tokenizer.sep_token_id, "mask_token_id": tokenizer.mask_token_id,
+            "max_texts": first.max_texts}
+    if len(models) == 1:
+        return {**meta, **task_metadata(first, ckpt)}
+    return {**meta, "functions": {function_name(task): task_metadata(model, ckpt) for task, model in models.items()}}
+
+
+def describe_package(package: Path, models: dict, metadata: dict, ckpt, args, lengths) -> None:
+    """Write the descriptions Xcode shows and our metadata into the saved package's spec."""
+    spec = package_spec(package)
+    tasks = ", ".join(models)
+    spec.description.metadata.author = "modernbert-ane convert.py"
+    spec.description.metadata.shortDescription = (
+        f"ModernBERT {tasks} ({ckpt.source}), float16, rotation {args.rotation}, "
+        f"sequence lengths {', '.join(map(str, lengths))}")
+    spec.description.metadata.versionString = PROJECT_VERSION
+    write_metadata(spec, metadata)
+    for task, model in models.items():
+        function = function_description(spec, function_name(task) if len(models) > 1 else None, package)
+        for feature in function.input:
+            feature.shortDescription = (MASK_DESCRIPTION[model.max_texts > 1] if feature.name == "attention_mask"
+                                        else "token ids from the model's tokenizer ([CLS] ... [SEP], then [PAD]), int32")
+        for feature in function.output:
+            feature.shortDescription = OUTPUT_DESCRIPTIONS[task]
+    save_spec(package, spec)
 
 
 def make_deterministic(package: Path) -> None:
@@ -266,9 +353,11 @@ def check_runs(model: ModernBert, tokenizer, lengths: list[int]) -> list[tuple[s
     return runs
 
 
-def check_package(package: Path, model: ModernBert, tokenizer, lengths: list[int], backend: str, readiness):
-    """Run the saved package and compare it with the float32 model; raise below the thresholds."""
-    runner = PackageRunner(package, backend)
+def check_package(package: Path, model: ModernBert, tokenizer, lengths: list[int], backend: str, readiness,
+                  function: str | None = None):
+    """Run the saved package (one function of it) and compare it with the float32 model; raise below the
+    thresholds."""
+    runner = PackageRunner(package, backend, function=function)
     results, observed = {}, False
     for what, ids, mask in check_runs(model, tokenizer, lengths):
         observe = None
@@ -279,7 +368,7 @@ def check_package(package: Path, model: ModernBert, tokenizer, lengths: list[int
         with torch.no_grad():
             ref = model(ids, mask).numpy()
         if not np.isfinite(out).all():
-            raise UserError(f"correctness check failed ({what}): the package computes non-finite values "
+            raise UserError(f"correctness check failed ({model.task}, {what}): the package computes non-finite values "
                             f"(try --rotation hadamard, or --skip-check to keep it anyway)")
         if model.task in POOLED_TASKS:
             n = int(mask.max())                                       # one row per text in the run
@@ -293,37 +382,28 @@ def check_package(package: Path, model: ModernBert, tokenizer, lengths: list[int
     lines = []
     for what, (refs, outs) in results.items():
         rows_ref, rows = np.concatenate(refs), np.concatenate(outs)
-        if model.task in ("encoder", "embed"):
+        if model.task in COSINE_TASKS:
             score = cosine_metrics(rows_ref, rows)["cosine_min"]
             ok, summary = score >= CHECK_MIN_COSINE, f"cosine_min {score:.5f} (threshold {CHECK_MIN_COSINE})"
         else:
             score = distribution_metrics(rows_ref, rows)["top1_agreement"]
             ok, summary = score >= CHECK_MIN_TOP1, f"top-1 agreement {score:.4f} (threshold {CHECK_MIN_TOP1})"
         if not ok:
-            raise UserError(f"correctness check failed ({what}): {summary} against the float32 model "
+            raise UserError(f"correctness check failed ({model.task}, {what}): {summary} against the float32 model "
                             f"(--skip-check keeps the package anyway)")
         lines.append(f"{what}: {summary}")
     return runner.backend, lines
 
 
-def save_atomically(mlmodel, output: Path, force: bool, finish) -> None:
-    """Save beside the target under a temporary name, run `finish(tmp)` (checks), then rename into place."""
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.stem}.", suffix=".tmp")) / output.name
-    try:
-        mlmodel.save(str(tmp))
-        make_deterministic(tmp)
-        finish(tmp)
-        if output.exists():
-            if not force:
-                raise UserError(f"{output} appeared during the conversion; pass --force to overwrite it")
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+def combine_functions(parts: dict[str, Path], package: Path) -> None:
+    """One multi-function package from single-function ones, the first the default. coremltools stores a
+    weight that several functions share once, so a second head costs only its own weights."""
+    ct = import_coremltools()
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    for task, part in parts.items():
+        descriptor.add_function(str(part), "main", function_name(task))
+    descriptor.default_function_name = function_name(next(iter(parts)))
+    ct.utils.save_multifunction(descriptor, str(package))
 
 
 def quiet_conversion() -> None:
@@ -335,61 +415,86 @@ def quiet_conversion() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"coremltools\..*")
 
 
+def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: float, steps, label: str):
+    """Rotate, trace and convert one task's model; the ML Program (weights compressed if asked)."""
+    if args.rotation != "none":
+        steps.start(f"{label}rotating ({args.rotation}, seed {args.seed})")
+        rotate_model(model, args.rotation, args.seed)
+        steps.done()
+    if args.query_chunk:
+        model.set_query_chunk(args.query_chunk)
+    model.set_local_attention(local_attention_kind(args.local_attention, model.config, lengths))
+    steps.start(f"{label}tracing at {lengths[-1]} tokens")
+    traced = trace(model, lengths[-1])
+    steps.done()
+    steps.start(f"{label}converting to an ML Program (float16" + (f", {args.compress})" if args.compress != "none"
+                                                                 else ")"))
+    mlmodel = to_mlprogram(traced, model.task, lengths, args.deployment_target)
+    del traced
+    if args.compress != "none":
+        mlmodel = compress_weights(mlmodel, model, args.compress, embedding_gain)
+    steps.done()
+    return mlmodel
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
     quiet_conversion()
     lengths = validate(args)
     if args.output:
         check_output(Path(args.output), None, args.force)
-    steps = Progress(6 - args.skip_check - (args.rotation == "none"))
+    n_tasks = len(args.task or [None])
+    steps = Progress(1 + n_tasks * (3 - (args.rotation == "none")) + 1 + (not args.skip_check))
     steps.start(f"loading {args.model}")
-    model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision,
-                                             max_texts=args.max_texts, allow_pickle=args.allow_pickle)
-    tokenizer = load_tokenizer(args.tokenizer or ckpt.root)
+    model, ckpt = ModernBert.from_pretrained(args.model, task=args.task[0] if args.task else None,
+                                             revision=args.revision, max_texts=args.max_texts,
+                                             allow_pickle=args.allow_pickle)
+    tasks = args.task or [model.task]
+    tokenizer = load_tokenizer(args.tokenizer or ckpt.root, tasks)
     tokenizer_source = args.tokenizer or (ckpt.source if ckpt.revision or not Path(ckpt.source).exists()
                                           else str(ckpt.root))
     if max(lengths) > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {max(lengths)} exceeds the model's {model.config.max_position_embeddings} positions")
-    output = Path(args.output or default_output_name(ckpt.source, model.task, args.rotation, args.seed, lengths,
+    output = Path(args.output or default_output_name(ckpt.source, tasks, args.rotation, args.seed, lengths,
                                                      args.compress))
     check_output(output, ckpt.root, args.force)
     steps.done()
-    embedding_gain = float(model.embeddings.norm.weight.abs().max())             # before rotation folds it
-    if args.rotation != "none":
-        steps.start(f"rotating ({args.rotation}, seed {args.seed})")
-        rotate_model(model, args.rotation, args.seed)
+    embedding_gain = float(model.embeddings.norm.weight.detach().abs().max())             # before rotation folds it
+    models, readiness, check_lines = {}, Readiness(), []
+    with staging_folder(output) as staging, writing(output):          # a full disk: one line
+        parts = {}
+        for task in tasks:
+            if task != tasks[0]:
+                model = ModernBert.from_checkpoint(ckpt, task, args.max_texts)
+            mlmodel = convert_task(model, args, lengths, embedding_gain, steps, f"{task}: " if n_tasks > 1 else "")
+            readiness.add_ops(mlmodel._mil_program.functions["main"].operations)
+            parts[task], models[task] = staging / f"{function_name(task)}.mlpackage", model
+            mlmodel.save(str(parts[task]))
+            del mlmodel
+        steps.start(f"saving {output}")
+        package = staging / output.name
+        if n_tasks == 1:
+            os.replace(parts[tasks[0]], package)
+        else:
+            combine_functions(parts, package)
+        describe_package(package, models, package_metadata(models, ckpt, tokenizer, tokenizer_source, args, lengths),
+                         ckpt, args, lengths)
+        make_deterministic(package)
         steps.done()
-    if args.query_chunk:
-        model.set_query_chunk(args.query_chunk)
-    model.set_local_attention(local_attention_kind(args.local_attention, model.config, lengths))
-    steps.start(f"tracing at {lengths[-1]} tokens")
-    traced = trace(model, lengths[-1])
-    steps.done()
-    steps.start("converting to an ML Program (float16)")
-    mlmodel = to_mlprogram(traced, model.task, lengths, args.deployment_target)
-    del traced
-    if args.compress != "none":
-        mlmodel = compress_weights(mlmodel, model, args.compress, embedding_gain)
-    describe(mlmodel, model, ckpt, tokenizer, tokenizer_source, args, lengths)
-    steps.done()
-    readiness = Readiness(list(mlmodel._mil_program.functions["main"].operations))
-    check_lines = []
-
-    def finish(tmp: Path) -> None:
-        steps.done()                                                   # the save
         if not args.skip_check:
             steps.start("checking the package against the float32 model")
-            backend, lines = check_package(tmp, model, tokenizer, lengths, args.check_backend, readiness)
-            check_lines.extend([f"correctness check ({'Core ML' if backend == 'coreml' else 'emulator'}):"] +
-                               [f"  {line}" for line in lines])
+            for task, model in models.items():
+                backend, lines = check_package(package, model, tokenizer, lengths, args.check_backend, readiness,
+                                               function_name(task) if n_tasks > 1 else None)
+                where = f"{task}, " if n_tasks > 1 else ""
+                check_lines += [f"correctness check ({where}{'Core ML' if backend == 'coreml' else 'emulator'}):"]
+                check_lines += [f"  {line}" for line in lines]
             steps.done()
-        print(readiness.report(tmp, lengths[-1]))
-
-    steps.start(f"saving {output}")
-    save_atomically(mlmodel, output, args.force, finish)
+        print(readiness.report(package, lengths[-1]))
+        publish(package, output, args.force)
     if check_lines:
         print("\n".join(check_lines))
-    print(f"wrote {output}  (" + ", ".join(f"{k.split(' ')[0]} {v:.1f} s" for k, v in steps.times.items()) + ")")
+    print(f"wrote {output}  ({steps.summary()})")
     return 0
 
 

@@ -5,18 +5,23 @@
 
 Each text is padded to the smallest length the package accepts (longer ones are truncated to the
 largest) and run through Core ML on the Neural Engine (macOS) or the float16 emulator (elsewhere).
-Reports the same metrics and JSON keys as diff_torch.py.
+Reports the same metrics and JSON keys as diff_torch.py. --report DIR writes a page with plots
+(report.py): the package's largest value per layer against model.py unrotated, and KL per token.
 """
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 import numpy as np
+import torch
 
-from checkpoint import resolve_checkpoint
-from evaluation import (EVAL_TEXTS, check_output_path, format_metrics, format_table, load_tokenizer, output_metrics,
-                        reference_model, reference_outputs, tokenize, write_json)
+from checkpoint import CheckpointError, resolve_checkpoint
+from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, format_metrics, format_table, load_tokenizer,
+                        output_metrics, reference_model, reference_outputs, text_disagreement, tokenize, write_json)
 from mlpackage import BACKENDS, PackageRunner, input_lengths, read_metadata
-from model import FLOAT16_MAX, MASK_FILL, POOLED_TASKS, ModernBertConfig
+from model import FLOAT16_MAX, MASK_FILL, POOLED_TASKS, ActivationProbe, ModernBert, ModernBertConfig
+from report import check_report_folder, write_report
 from user_errors import UserError, run_cli
 
 
@@ -25,12 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("package", help="an .mlpackage written by convert.py")
     p.add_argument("--model", help="the checkpoint it came from (default: the source in its metadata)")
     p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the one in the package metadata)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read pytorch_model.bin when a checkpoint has no safetensors (tensors only, weights_only=True)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: Core ML on the Neural Engine on macOS, the float16 emulator elsewhere")
+    p.add_argument("--function", metavar="NAME",
+                   help="which head of a multi-function package to compare (default: its default function)")
     p.add_argument("--pessimistic", action="store_true",
                    help="emulator: also round the internal steps of norms, reductions and softmax to float16")
     p.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.add_argument("--report", metavar="DIR", help="write DIR/index.html: the largest value per layer against "
+                                                    "model.py unrotated, KL per token, the metrics")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file or --report folder")
     p.add_argument("--max-kl", type=float, metavar="X", help="exit 1 when kl_mean exceeds X (for CI)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -40,7 +51,7 @@ class OverflowWatch:
     """Per op of the package: the largest |value| and the count of values float16 could not hold."""
 
     def __init__(self):
-        self.max_abs, self.overflow = {}, {}
+        self.max_abs, self.overflow, self.op_type = {}, {}, {}
 
     def observe(self, op_name, op_type, value) -> None:
         value = np.asarray(value)
@@ -56,6 +67,7 @@ class OverflowWatch:
             peak = float("inf")
         self.max_abs[op_name] = max(self.max_abs.get(op_name, 0.0), peak)
         self.overflow[op_name] = self.overflow.get(op_name, 0) + bad
+        self.op_type[op_name] = op_type
 
     def metrics(self) -> dict:
         return {"overflow_count": sum(self.overflow.values()),
@@ -65,6 +77,23 @@ class OverflowWatch:
         top = sorted(self.max_abs.items(), key=lambda kv: -kv[1])[:n]
         return [{"op": name, "max_abs": value} for name, value in top]
 
+    def layer_peaks(self, n_layers: int, embedding_convs: int) -> dict[str, float]:
+        """The largest |value| per "embeddings", "layers.i", "head", from the order the ops ran in (the
+        package's op names carry no module names): every layer runs four convs (Wqkv, Wo, Wi, Wo), the
+        embeddings `embedding_convs` (1 when rotated); the residual add after a layer's last conv is its own."""
+        def group(k):                                       # k: index of the next conv among the layers' convs
+            return "embeddings" if k < 0 else f"layers.{k // 4}" if k // 4 < n_layers else "head"
+        peaks, convs, closed = {}, 0, None
+        for name, peak in self.max_abs.items():
+            k = convs - embedding_convs
+            if self.op_type[name] == "conv":
+                where, convs = group(k), convs + 1
+            else:
+                where = closed if closed and self.op_type[name] == "add" else group(k if k > 0 else -1)
+            closed = where if self.op_type[name] == "conv" and k >= 0 and k % 4 == 3 else None
+            peaks[where] = max(peaks.get(where, 0.0), peak)
+        return peaks
+
 
 def check_model_matches(meta: dict, config: ModernBertConfig, source: str, package: str) -> None:
     for key, have in (("hidden_size", config.hidden_size), ("vocab_size", config.vocab_size)):
@@ -73,23 +102,60 @@ def check_model_matches(meta: dict, config: ModernBertConfig, source: str, packa
                             f"{meta[key]} in the package")
 
 
+def write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics, disagreement, tokens) -> None:
+    """The --report page: the package's per-op peaks per layer (emulator only) against model.py unrotated."""
+    task, rotation = meta["task"], meta.get("rotation") or "none"
+    n_layers = ModernBertConfig.from_dict(ckpt.config).num_hidden_layers
+    backend = ("Core ML" if runner.backend == "coreml" else
+               "float16 emulator" + (" (pessimistic)" if args.pessimistic else ""))
+    peaks = {"before rotation: model.py unrotated, float32": before.max_abs}
+    notes = []
+    if watch and rotation == "none":
+        peaks["this package (rotation none), " + backend] = watch.layer_peaks(n_layers, 0)
+    elif watch:
+        peaks[f"after rotation ({rotation}): this package, {backend}"] = watch.layer_peaks(n_layers, 1)
+    else:
+        notes.append("Core ML gives no per-op values: only model.py is plotted per layer (--backend emulate adds "
+                     "the package's).")
+    facts = {"package": args.package, "function": meta.get("function"), "checkpoint": ckpt.source, "task": task,
+             "rotation": rotation if rotation == "none" else f"{rotation} (seed {meta.get('rotation_seed')})",
+             "weights": meta.get("compress"), "backend": backend, "reference": "transformers, float32",
+             "texts": f"{len(EVAL_TEXTS)} evaluation texts, {tokens} tokens, each padded to a package length",
+             "command": shlex.join(["python", "diff_coreml.py", *argv])}
+    write_report(args.report, title=f"diff_coreml: {args.package} ({task}, rotation {rotation}), {backend}, "
+                                    f"against transformers float32",
+                 facts={k: v for k, v in facts.items() if v is not None}, metrics=metrics, peaks=peaks,
+                 n_layers=n_layers, disagreement=disagreement, measure="cosine" if task in COSINE_TASKS else "kl",
+                 pooled=task in POOLED_TASKS, notes=notes, force=args.force)
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
-    check_output_path(args.json, args.force)
-    meta = read_metadata(args.package)
-    lengths = input_lengths(args.package)
+    check_output_path(args.json, args.force, inside=[args.package, args.model])
+    check_output_path(args.report, args.force, inside=[args.package, args.model], folder=True)
+    check_report_folder(args.report, args.force)
+    meta = read_metadata(args.package, args.function)
+    lengths = input_lengths(args.package, meta["function"])
     task = meta["task"]
-    runner = PackageRunner(args.package, args.backend, pessimistic=args.pessimistic)
+    runner = PackageRunner(args.package, args.backend, pessimistic=args.pessimistic, function=meta["function"])
     backend_name = "Core ML (CPU and Neural Engine)" if runner.backend == "coreml" else "the float16 emulator"
     print(f"running {args.package} with {backend_name}", file=sys.stderr)
     source = args.model or meta.get("source")
-    ckpt = resolve_checkpoint(source)
+    try:
+        ckpt = resolve_checkpoint(source, allow_pickle=args.allow_pickle)
+    except CheckpointError as e:
+        if args.model:
+            raise
+        raise CheckpointError(f"{e} (the checkpoint {args.package} was converted from, by its metadata); "
+                              f"pass --model with its folder") from e
     check_model_matches(meta, ModernBertConfig.from_dict(ckpt.config), source, args.package)
     tokenizer = load_tokenizer(args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root)
     ref_model = reference_model(ckpt, task)
     output_name = meta.get("output", "logits")
     watch = OverflowWatch() if runner.backend == "emulate" else None
     refs, outs, masks, rows = [], [], [], []
+    unrotated = ModernBert.from_checkpoint(ckpt, task) if args.report else None      # "before rotation"
+    before, disagreement = ActivationProbe(), []
     for i, text in enumerate(EVAL_TEXTS):
         n_tokens = len(tokenizer(text)["input_ids"])
         length = next((n for n in lengths if n >= n_tokens), lengths[-1])
@@ -106,6 +172,10 @@ def main(argv) -> int:
         refs.append(ref if pooled else ref.reshape(-1, ref.shape[-1]))
         outs.append(ours if pooled else ours.reshape(-1, ours.shape[-1]))
         masks.append(np.ones(1) if pooled else mask.numpy().reshape(-1))
+        if args.report:
+            disagreement += text_disagreement(task, ref, ours, mask.numpy())
+            with before, torch.no_grad():
+                unrotated(ids, mask.float())
     if task in POOLED_TASKS:
         metrics = output_metrics(task, np.concatenate(refs), np.concatenate(outs), np.ones(len(refs)))
     else:
@@ -125,9 +195,14 @@ def main(argv) -> int:
     print("\nmetrics (over non-padding tokens; KL in nats per token, reference || package)")
     print(format_metrics(metrics))
     if args.json:
-        write_json(args.json, {**metrics, "package": str(args.package), "model": source, "task": task,
+        write_json(args.json, {**metrics, "package": str(args.package), "model": source,
+                               "function": meta["function"], "task": task,
                                "texts": rows, "largest_ops": watch.largest() if watch else []})
         print(f"\nwrote {args.json}")
+    if args.report:
+        tokens = sum(int(row["tokens"]) for row in rows)
+        write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics, disagreement, tokens)
+        print(f"\nwrote {Path(args.report) / 'index.html'}")
     if args.max_kl is not None and not metrics.get("kl_mean", 0.0) <= args.max_kl:
         print(f"error: kl_mean {metrics.get('kl_mean')} exceeds --max-kl {args.max_kl}", file=sys.stderr)
         return 1

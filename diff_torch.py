@@ -5,18 +5,24 @@
 
 Prints a per-module table (embeddings, a global block, a local block, the encoder, the head output),
 the largest absolute activation per layer (transformers' vs this model's residual stream, which is
-rotated unless --rotation none) and the final metrics; --json writes the metrics.
+rotated unless --rotation none) and the final metrics; --json writes the metrics, --report DIR a page
+with plots (report.py), for which the unrotated model runs too.
 """
 import argparse
+import copy
+import shlex
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from evaluation import (EVAL_TEXTS, check_output_path, compare_rows, format_metrics, format_table, load_tokenizer,
-                        output_metrics, overflow_metrics, reference_model, reference_outputs, tokenize, write_json)
+from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, compare_rows, format_metrics, format_table,
+                        load_tokenizer, output_metrics, overflow_metrics, reference_model, reference_outputs,
+                        text_disagreement, tokenize, write_json)
 from checkpoint import DEFAULT_MODEL
 from model import POOLED_TASKS, TASKS, ActivationProbe, ModernBert
+from report import check_report_folder, write_report
 from rotations import ROTATION_KINDS, rotate_model
 from user_errors import run_cli
 
@@ -36,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pytorch_model.bin when a checkpoint has no safetensors (tensors only, weights_only=True)")
     p.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.add_argument("--report", metavar="DIR",
+                   help="write DIR/index.html: activations per layer before/after the rotation, KL per token, metrics")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file or --report folder")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -103,12 +111,40 @@ def layer_rows(model: ModernBert, ref: dict, probe: ActivationProbe, mask: np.nd
     return rows
 
 
+def write_torch_report(args, argv, ckpt, model, unrotated, metrics, probe, ref, ours, input_ids, attention_mask):
+    """The --report page; runs the unrotated model (same precision, same inputs) for "before rotation"."""
+    peaks = {f"after rotation ({args.rotation}): model.py, {args.precision}": probe.max_abs}
+    if unrotated is None:
+        peaks = {f"model.py (rotation none), {args.precision}": probe.max_abs}
+    else:
+        if args.query_chunk:
+            unrotated.set_query_chunk(args.query_chunk)
+        dtype = torch.float16 if args.precision == "float16" else torch.float32
+        _, before = run_model(unrotated.to(dtype), input_ids, attention_mask, dtype)
+        peaks = {f"before rotation: model.py unrotated, {args.precision}": before.max_abs, **peaks}
+    mask = attention_mask.numpy()
+    facts = {"checkpoint": ckpt.source, "task": model.task,
+             "this model": f"model.py, {args.precision}, rotation {args.rotation} (seed {args.seed})",
+             "reference": "transformers, float32",
+             "texts": f"{len(EVAL_TEXTS)} evaluation texts, {int(mask.sum())} tokens, up to {mask.shape[1]} per text",
+             "command": shlex.join(["python", "diff_torch.py", *argv])}
+    write_report(args.report, title=f"diff_torch: {ckpt.source} ({model.task}), model.py {args.precision}, "
+                                    f"rotation {args.rotation}, against transformers float32",
+                 facts=facts, metrics=metrics, peaks=peaks, n_layers=model.config.num_hidden_layers,
+                 disagreement=text_disagreement(model.task, ref["output"], ours["output"], mask),
+                 measure="cosine" if model.task in COSINE_TASKS else "kl", pooled=model.task in POOLED_TASKS,
+                 force=args.force)
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
-    check_output_path(args.json, args.force)
+    check_output_path(args.json, args.force, inside=[args.model])
+    check_output_path(args.report, args.force, inside=[args.model], folder=True)
+    check_report_folder(args.report, args.force)
     print(f"loading {args.model} ...", file=sys.stderr)
     model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision,
                                              allow_pickle=args.allow_pickle)
+    unrotated = copy.deepcopy(model) if args.report and args.rotation != "none" else None   # "before rotation"
     if args.rotation != "none":
         print(f"rotating ({args.rotation}, seed {args.seed}) ...", file=sys.stderr)
         rotate_model(model, args.rotation, args.seed)
@@ -140,6 +176,9 @@ def main(argv) -> int:
                                "rotation": args.rotation, "seed": args.seed, "tokens": int(mask.sum()),
                                "modules": modules, "layers": layers})
         print(f"\nwrote {args.json}")
+    if args.report:
+        write_torch_report(args, argv, ckpt, model, unrotated, metrics, probe, ref, ours, input_ids, attention_mask)
+        print(f"\nwrote {Path(args.report) / 'index.html'}")
     return 0
 
 

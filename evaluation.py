@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import Checkpoint, CheckpointError
-from user_errors import UserError
+from checkpoint import Checkpoint, CheckpointError, check_weight_files, is_hub_id, read_json
+from model import POOLED_TASKS
+from user_errors import UserError, writing
 
 # Short sentences and passages longer than the 128-token local window of the released checkpoints,
 # so both the global and the sliding-window layers, and padding in a batch, are exercised.
@@ -55,19 +56,36 @@ EVAL_TEXTS = [
 ]
 
 
-def load_tokenizer(source: str):
-    """A tokenizer (hub id or folder) with the special tokens ModernBERT needs; one-line error otherwise."""
+def load_tokenizer(source: str, tasks=()):
+    """A tokenizer (hub id or folder) with what ModernBERT needs: [CLS], [SEP] and [PAD] ([MASK] too when
+    `tasks` has fill-mask), put around every text as [CLS] ... [SEP]; a one-line error otherwise."""
     import transformers
     transformers.utils.logging.set_verbosity_error()      # no "sequence longer than model_max_length" chatter
+    name = str(source)
+    if not Path(name).expanduser().exists() and ("/" in name or name.startswith(("~", "."))) and not is_hub_id(name):
+        raise CheckpointError(f"no such tokenizer folder: {name}; pass --tokenizer with the model's tokenizer "
+                              f"(a hub id or folder)")
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
     except Exception as e:
+        if isinstance(e, UnicodeDecodeError) and Path(name).is_dir():
+            for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+                if (Path(name) / file).is_file():
+                    read_json(Path(name) / file)                # names the file that is not UTF-8
         reason = " ".join(str(e).split())[:200]
         raise CheckpointError(f"cannot load a tokenizer from '{source}' ({type(e).__name__}: {reason}); "
                               f"pass --tokenizer with a hub id or folder that has the model's tokenizer") from e
-    missing = [t for t in ("cls_token", "sep_token", "pad_token") if getattr(tokenizer, t, None) is None]
+    needed = ["cls_token", "sep_token", "pad_token"] + (["mask_token"] if "fill-mask" in tasks else [])
+    missing = [t for t in needed if getattr(tokenizer, t, None) is None]
     if missing:
-        raise CheckpointError(f"the tokenizer from {source} has no {', '.join(missing)}")
+        why = " (a fill-mask package needs it)" if missing == ["mask_token"] else ""
+        raise CheckpointError(f"the tokenizer from {source} has no {', '.join(missing)}{why}; "
+                              f"use the model's own tokenizer")
+    ids = tokenizer("a")["input_ids"]
+    if not ids or ids[0] != tokenizer.cls_token_id or ids[-1] != tokenizer.sep_token_id:
+        raise CheckpointError(f"the tokenizer from {source} does not put [CLS] and [SEP] around a text "
+                              f"({tokenizer.cls_token} ... {tokenizer.sep_token}), as ModernBERT expects; "
+                              f"use the model's own tokenizer")
     return tokenizer
 
 
@@ -86,10 +104,20 @@ def reference_model(ckpt: Checkpoint, task: str):
                "classify": "ModernBertForSequenceClassification",
                "token-classify": "ModernBertForTokenClassification"}
     cls = getattr(transformers, classes[task])
+    check_weight_files(ckpt.path, ckpt.allow_pickle)            # pickles only when allowed; truncated files
+    transformers.utils.logging.set_verbosity_error()            # its load report: we say what is wrong
     try:
-        model = cls.from_pretrained(str(ckpt.path), attn_implementation="eager", dtype=torch.float32)
+        model, info = cls.from_pretrained(str(ckpt.path), attn_implementation="eager", dtype=torch.float32,
+                                          output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as e:
         raise CheckpointError(f"transformers cannot load {ckpt.path} as {classes[task]}: {e}") from e
+    missing = sorted(info.get("missing_keys") or [])            # transformers would fill them with random values
+    mismatched = sorted(f"{k[0]} {tuple(k[1])} (expected {tuple(k[2])})" if isinstance(k, tuple) else str(k)
+                        for k in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        raise CheckpointError(f"weights in {ckpt.path} do not match {classes[task]}: "
+                              + "; ".join(([f"missing {', '.join(missing[:5])}"] if missing else []) +
+                                          ([f"shape of {', '.join(mismatched[:5])}"] if mismatched else [])))
     return model.eval()
 
 
@@ -97,7 +125,7 @@ def sentence_embeddings(ckpt: Checkpoint, hidden: torch.Tensor, attention_mask: 
     """sentence-transformers' semantics on transformers' last hidden state (B, S, C) -> (B, D): the
     folder's Pooling (cls or masked mean), Dense layers (activation(linear)) and Normalize, as
     sentence_transformers.models computes them; a plain checkpoint pools by its classifier_pooling."""
-    from checkpoint import load_state_dict, read_json
+    from checkpoint import load_state_dict
     modules = sorted(ckpt.modules, key=lambda m: int(m.get("idx", 0))) or [
         {"type": "Pooling", "pooling": ckpt.config.get("classifier_pooling", "cls")}]
     x = hidden
@@ -158,9 +186,7 @@ def distribution_metrics(ref_logits: np.ndarray, logits: np.ndarray) -> dict:
     """KL(reference || ours) in nats per row, and top-1/top-5 agreement, over rows (N, V).
     top5_agreement is the mean overlap of the two top-5 sets (1.0: same five tokens)."""
     finite = np.isfinite(logits).all(axis=-1)
-    lp_ref, lp = _log_softmax(ref_logits), _log_softmax(np.where(np.isfinite(logits), logits, 0.0))
-    kl = (np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1)
-    kl = np.where(finite, kl, np.inf)                          # a row with a non-finite logit is infinitely wrong
+    kl = kl_per_row(ref_logits, logits)
     k = min(5, ref_logits.shape[-1])
     top_ref, top = np.argsort(-ref_logits, axis=-1)[:, :k], np.argsort(-logits, axis=-1)[:, :k]
     overlap = np.array([len(set(a) & set(b)) / k for a, b in zip(top_ref, top)])
@@ -169,23 +195,49 @@ def distribution_metrics(ref_logits: np.ndarray, logits: np.ndarray) -> dict:
             "top5_agreement": float(np.where(finite, overlap, 0.0).mean())}
 
 
+def kl_per_row(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(reference || ours) in nats of each row (N, V); inf for a row with a non-finite logit."""
+    finite = np.isfinite(logits).all(axis=-1)
+    lp_ref, lp = _log_softmax(ref_logits), _log_softmax(np.where(np.isfinite(logits), logits, 0.0))
+    kl = (np.exp(lp_ref) * (lp_ref - lp)).sum(axis=-1)
+    return np.where(finite, kl, np.inf)                        # a row with a non-finite logit is infinitely wrong
+
+
+def cosine_per_row(ref: np.ndarray, ours: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row (N, C); non-finite values of ours count as 0."""
+    ref, ours = ref.astype(np.float64), np.nan_to_num(ours.astype(np.float64), posinf=0.0, neginf=0.0)
+    return (ref * ours).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(ours, axis=-1) + 1e-30)
+
+
 def cosine_metrics(ref: np.ndarray, ours: np.ndarray) -> dict:
     """Cosine similarity per row (N, C)."""
-    ref, ours = ref.astype(np.float64), np.nan_to_num(ours.astype(np.float64), posinf=0.0, neginf=0.0)
-    cos = (ref * ours).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(ours, axis=-1) + 1e-30)
+    cos = cosine_per_row(ref, ours)
     return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())}
+
+
+COSINE_TASKS = ("encoder", "embed")              # compared by cosine (output_metrics), the rest by KL
+
+
+def text_disagreement(task: str, ref: np.ndarray, ours: np.ndarray, mask: np.ndarray) -> list:
+    """Per text, for reports: KL(reference || ours) per non-padding token (or 1 - cosine for encoder/embed)
+    of (B, S, C) outputs, or one value per text of pooled (B, L) ones."""
+    def per_row(r, o):
+        return 1 - cosine_per_row(r, o) if task in COSINE_TASKS else kl_per_row(r, o)
+    if task in POOLED_TASKS:
+        return [per_row(ref[i:i + 1], ours[i:i + 1]) for i in range(len(ref))]
+    return [per_row(r[m.astype(bool)], o[m.astype(bool)]) for r, o, m in zip(ref, ours, mask)]
 
 
 def output_metrics(task: str, ref: np.ndarray, ours: np.ndarray, attention_mask: np.ndarray) -> dict:
     """The final metrics for a task output, over non-padding tokens (or per text for classify)."""
-    if task in ("classify", "embed"):
+    if task in POOLED_TASKS:
         rows_ref, rows = ref, ours
     else:
         valid = attention_mask.astype(bool)
         rows_ref, rows = ref[valid], ours[valid]
     metrics = {"max_abs_diff": float(np.nan_to_num(np.abs(rows - rows_ref), nan=np.inf).max()),
                "nonfinite": int((~np.isfinite(ours)).sum())}
-    if task in ("encoder", "embed"):
+    if task in COSINE_TASKS:
         metrics.update(cosine_metrics(rows_ref, rows))
     else:
         metrics.update(distribution_metrics(rows_ref, rows))
@@ -228,10 +280,22 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(f"  {k:<15} {metrics[k]}" for k in keys)
 
 
-def check_output_path(path: str | None, force: bool) -> None:
-    """Refuse to overwrite an existing file without --force (checked before any slow work)."""
-    if path and Path(path).exists() and not force:
+def check_output_path(path: str | None, force: bool, inside=(), folder: bool = False) -> None:
+    """Checked before any slow work: refuse to overwrite an existing output without --force, to write inside
+    one of the inputs (`inside`: the folders read), into a folder that does not exist, or (unless the
+    output is itself a folder, an .mlpackage) over a folder."""
+    if not path:
+        return
+    target = Path(path)
+    for source in inside:
+        if source and Path(source).exists() and target.resolve().is_relative_to(Path(source).resolve()):
+            raise UserError(f"{path} is inside the input {source}; write it elsewhere")
+    if target.exists() and not force:
         raise UserError(f"{path} exists; pass --force to overwrite it")
+    if target.is_dir() and not folder:
+        raise UserError(f"{path} is a folder; give the name of a file to write")
+    if not target.parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {target.parent} does not exist")
 
 
 def write_json(path: str, data: dict) -> None:
@@ -239,12 +303,13 @@ def write_json(path: str, data: dict) -> None:
     target = Path(path)
     if not target.parent.is_dir():
         raise UserError(f"cannot write {path}: folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path):                                         # a full disk: one line, no temporary left
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=2, sort_keys=True, allow_nan=True)
+                f.write("\n")
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -31,39 +31,87 @@ def package_spec(path):
         raise PackageError(f"no such package: {path}")
     if not path.is_dir() or not manifest.is_file():
         raise PackageError(f"{path} is not an .mlpackage (no Manifest.json)")
-    ct = import_coremltools()
+    import_coremltools()
+    from coremltools.proto import Model_pb2
+    # The files are read directly: coremltools' load_spec opens a package read-write and rewrites its
+    # Manifest.json, so that merely reading a package would change it.
+    spec_file, spec = model_file(path), Model_pb2.Model()
     try:
-        return ct.utils.load_spec(str(path))
+        spec.ParseFromString(spec_file.read_bytes())
+    except OSError as e:
+        raise PackageError(f"cannot read {path}: {spec_file.relative_to(path)}: {e.strerror or e}") from e
     except Exception as e:
         raise PackageError(f"cannot read {path} as a Core ML package (damaged?): {type(e).__name__}: {e}") from e
+    return spec
 
 
-def write_metadata(mlmodel, metadata: dict) -> None:
-    """Store our metadata, every value JSON-encoded (sorted, so the same options give the same bytes)."""
+def write_metadata(spec, metadata: dict) -> None:
+    """Store our metadata in a spec, every value JSON-encoded (sorted, so the same options give the same bytes)."""
+    stored = spec.description.metadata.userDefined
+    for key in [k for k in stored if k.startswith(METADATA_PREFIX)]:
+        del stored[key]
     for key in sorted(metadata):
         value = metadata[key]
         if value is None:
             continue
-        mlmodel.user_defined_metadata[METADATA_PREFIX + key] = json.dumps(value, sort_keys=True)   # typed on read
+        stored[METADATA_PREFIX + key] = json.dumps(value, sort_keys=True)            # typed on read
 
 
-def read_metadata(path) -> dict:
-    """Our metadata of a package, values parsed back from JSON."""
+def function_names(spec) -> list[str]:
+    """The package's functions, the default first: ["main"] for a single-function package."""
+    names = [f.name for f in spec.description.functions]
+    if not names:
+        return ["main"]
+    default = spec.description.defaultFunctionName or names[0]
+    return [default] + [n for n in names if n != default]
+
+
+def resolve_function(spec, function: str | None, path) -> str:
+    """`function`, or the package's default when None; a clear error for a function it does not have."""
+    names = function_names(spec)
+    function = function or names[0]
+    if function not in names:
+        raise PackageError(f"{path} has no function '{function}' (it has {', '.join(names)})")
+    return function
+
+
+def function_description(spec, function: str | None, path):
+    """The description holding a function's inputs and outputs (the model's own for a single function)."""
+    function = resolve_function(spec, function, path)
+    if not spec.description.functions:
+        return spec.description
+    return next(f for f in spec.description.functions if f.name == function)
+
+
+def read_metadata(path, function: str | None = None) -> dict:
+    """Our metadata of a package, values parsed back from JSON, for one of its functions (default: the
+    package's default). A multi-function package keeps what differs per function (task, output, labels...)
+    under "functions"; the function's entries are merged in, and "function" names it."""
     spec = package_spec(path)
     raw = dict(spec.description.metadata.userDefined)
     ours = {k[len(METADATA_PREFIX):]: v for k, v in raw.items() if k.startswith(METADATA_PREFIX)}
-    if "task" not in ours:
+    if "task" not in ours and "functions" not in ours:
         raise PackageError(f"{path} was not written by this project's convert.py (no {METADATA_PREFIX}task metadata)")
     try:
-        return {key: json.loads(value) for key, value in ours.items()}
+        meta = {key: json.loads(value) for key, value in ours.items()}
     except json.JSONDecodeError as e:
         raise PackageError(f"{path} has damaged {METADATA_PREFIX}* metadata: {e}") from e
+    function = resolve_function(spec, function, path)
+    per_function = meta.pop("functions", None)
+    if per_function is not None:
+        if not isinstance(per_function, dict) or not isinstance(per_function.get(function), dict):
+            raise PackageError(f"{path} has damaged {METADATA_PREFIX}functions metadata (no entry for '{function}')")
+        meta.update(per_function[function])
+    if "task" not in meta:
+        raise PackageError(f"{path} has no task for function '{function}' in its metadata")
+    meta["function"], meta["function_names"] = function, function_names(spec)
+    return meta
 
 
-def input_lengths(path) -> list[int]:
-    """The sequence lengths a package accepts (enumerated shapes, or its one fixed shape), ascending."""
+def input_lengths(path, function: str | None = None) -> list[int]:
+    """The sequence lengths a package (function) accepts (enumerated shapes, or one fixed shape), ascending."""
     spec = package_spec(path)
-    for inp in spec.description.input:
+    for inp in function_description(spec, function, path).input:
         if inp.name == "input_ids":
             arr = inp.type.multiArrayType
             shapes = [list(s.shape) for s in arr.enumeratedShapes.shapes] or [list(arr.shape)]
@@ -71,10 +119,29 @@ def input_lengths(path) -> list[int]:
     raise PackageError(f"{path} has no input_ids input")
 
 
+def model_file(path) -> Path:
+    """The package's model spec file (Manifest.json's root model item)."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / "Manifest.json").read_text())
+        item = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
+        return path / "Data" / item["path"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise PackageError(f"{path} has a damaged Manifest.json: {type(e).__name__}: {e}") from e
+
+
+def save_spec(path, spec) -> None:
+    """Write an edited spec back into a package (its weights are untouched)."""
+    model_file(path).write_bytes(spec.SerializeToString(deterministic=True))
+
+
 def package_inputs(seqs: list[list[int]], length: int, pad_id: int) -> dict:
     """A package's inputs for token-id sequences: input_ids and attention_mask (1, length) int32, the texts
     one after the other, then padding.
     attention_mask is the text's segment id (1, 2, ...; just 1 for a single text) and 0 on padding."""
+    total = sum(len(seq) for seq in seqs)
+    if total > length:              # NumPy would broadcast a 1-token text into an empty slice: a silent drop
+        raise ValueError(f"{total} tokens do not fit in length {length}")
     ids = np.full((1, length), pad_id, dtype=np.int32)
     mask = np.zeros((1, length), dtype=np.int32)
     start = 0
@@ -100,15 +167,23 @@ def resolve_backend(backend: str) -> str:
 class PackageRunner:
     """Loads a package once and runs it: Core ML on the Neural Engine (macOS) or the emulator."""
 
-    def __init__(self, path, backend: str = "auto", pessimistic: bool = False):
+    def __init__(self, path, backend: str = "auto", pessimistic: bool = False, function: str | None = None):
         self.path, self.backend = Path(path), resolve_backend(backend)
-        package_spec(self.path)                       # the clear error for a missing or foreign path, first
-        if self.backend == "coreml":
-            ct = import_coremltools()
-            self._model = ct.models.MLModel(str(self.path), compute_units=ct.ComputeUnit.CPU_AND_NE)
-        else:
-            from mlprogram_emulator import MLProgramEmulator
-            self._model = MLProgramEmulator(str(self.path), pessimistic=pessimistic)
+        spec = package_spec(self.path)                # the clear error for a missing or foreign path, first
+        self.function = resolve_function(spec, function, self.path)
+        try:
+            if self.backend == "coreml":
+                ct = import_coremltools()
+                named = {"function_name": self.function} if spec.description.functions else {}
+                self._model = ct.models.MLModel(str(self.path), compute_units=ct.ComputeUnit.CPU_AND_NE, **named)
+            else:
+                from mlprogram_emulator import MLProgramEmulator
+                self._model = MLProgramEmulator(str(self.path), function_name=self.function, pessimistic=pessimistic)
+        except NotImplementedError:                   # an op the emulator lacks: its own message
+            raise
+        except (OSError, ValueError, RuntimeError) as e:  # the weights: missing, truncated, damaged
+            raise PackageError(f"cannot load {self.path} (damaged? e.g. a truncated weight.bin): "
+                               f"{type(e).__name__}: {e}") from e
 
     def predict(self, inputs: dict, observe=None) -> dict:
         """inputs: name -> int32 array. observe(op_name, op_type, value) sees every op (emulator only)."""

@@ -22,10 +22,9 @@ import numpy as np
 
 from evaluation import load_tokenizer
 from mlpackage import BACKENDS, PackageError, PackageRunner, input_lengths, package_inputs, read_metadata
+from model import POOLED_TASKS, TASKS
 from user_errors import UserError, run_cli
 
-TASKS = ("fill-mask", "encoder", "classify", "token-classify", "embed")
-POOLED = ("classify", "embed")                     # one output row per text; the rest: one row per token
 DEFAULT_OUTPUTS = {"fill-mask": "logits", "encoder": "hidden_states", "classify": "logits",
                    "token-classify": "logits", "embed": "embeddings"}
 SHOW_VALUES = 8                                    # embedding values shown (all of them with --json)
@@ -42,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="Core ML (macOS) or the float16 emulator (default auto: Core ML where it exists)")
+    p.add_argument("--function", metavar="NAME",
+                   help="which head of a multi-function package to run (fill_mask, embed, ...; default: its default)")
     p.add_argument("--tokenizer", metavar="ID", help="tokenizer hub id or folder (default: the one named in the package)")
     p.add_argument("--truncate", action="store_true", help="truncate texts longer than the package's largest length")
     p.add_argument("--pack", action="store_true", help="put several texts into one prediction (faster for short texts)")
@@ -51,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- inputs
 
-def package_metadata(path: str) -> dict:
-    """The package's metadata, with a known task (PackageError for a missing or foreign path)."""
-    meta = read_metadata(path)
+def package_metadata(path: str, function: str | None = None) -> dict:
+    """The metadata of a package's function, with a known task (PackageError for a missing or foreign path)."""
+    meta = read_metadata(path, function)
     if meta["task"] not in TASKS:
         raise PackageError(f"{path} has task '{meta['task']}', which predict.py does not know "
                            f"(one of {', '.join(TASKS)}); is this predict.py older than the converter?")
@@ -79,7 +80,7 @@ def max_texts_per_prediction(meta: dict, pack: bool) -> int:
         return 1
     max_texts = int(meta.get("max_texts") or 1)
     if max_texts < 2:
-        what = f"several {meta['task']} results" if meta["task"] in POOLED else "several texts"
+        what = f"several {meta['task']} results" if meta["task"] in POOLED_TASKS else "several texts"
         raise UserError(f"--pack needs a package that takes {what} per prediction; this one takes 1 "
                         f"(convert it with --max-texts N)")
     return max_texts
@@ -95,18 +96,27 @@ def read_texts(args) -> list[str]:
         raise UserError("give texts as arguments or with --file, not both")
     if args.file:
         path = Path(args.file)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"no such file: {path}")
+        if not path.is_file():                     # a folder, or a pipe that would block: never opened
+            raise UserError(f"cannot read {path}: not a regular file; give a text file, or pipe the texts on stdin")
         try:
             texts = split_lines(path.read_bytes().decode("utf-8"))
+        except OSError as e:
+            raise UserError(f"cannot read {path} ({e.strerror or e})") from e
         except UnicodeDecodeError as e:
             raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+        if not texts:
+            raise UserError(f"{path} holds no texts (it is empty or blank); give one text per line")
     elif args.texts == ["-"] or (not args.texts and sys.stdin is not None and not sys.stdin.isatty()):
         data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
         try:
             texts = split_lines(data.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise UserError(f"stdin is not UTF-8 text (byte {e.start})") from e
+        if not texts:
+            raise UserError("stdin held no texts (it was empty or blank); give them as arguments, with --file "
+                            "PATH, or one per line on stdin")
     else:
         texts = list(args.texts)
     if not texts:
@@ -176,7 +186,7 @@ def run_all(runner, meta: dict, seqs: list[list[int]], lengths: list[int], pad_i
         if name not in outputs:
             raise UserError(f"the package has no output '{name}' (it has {', '.join(sorted(outputs))})")
         out = outputs[name]
-        if task in POOLED:
+        if task in POOLED_TASKS:
             rows = out.reshape(-1, out.shape[-1])                    # (1, X) or (1, K, X) -> (K, X)
             if rows.shape[0] < len(group):
                 raise UserError(f"the package returned {rows.shape[0]} {task} results for {len(group)} packed texts")
@@ -359,7 +369,7 @@ def main(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {args.top_k})")
-    meta = package_metadata(args.package)
+    meta = package_metadata(args.package, args.function)
     task = meta["task"]
     labels = parse_labels(args.labels, task)
     max_texts = max_texts_per_prediction(meta, args.pack)
@@ -368,14 +378,14 @@ def main(argv) -> int:
     if not source:
         raise UserError("the package names no tokenizer; pass --tokenizer ID_OR_FOLDER")
     tokenizer = load_tokenizer(source)
-    lengths = input_lengths(args.package)
+    lengths = input_lengths(args.package, meta["function"])
     seqs = [encode(tokenizer, text, f"text {i + 1}", lengths[-1], args.truncate) for i, text in enumerate(texts)]
     if task == "fill-mask":
         check_masks(seqs, tokenizer, meta)
     label_seqs = [encode(tokenizer, label, f"label '{label}'", lengths[-1], args.truncate) for label in labels or []]
     pad_id = special_token_id(tokenizer, meta, "pad")
 
-    runner = PackageRunner(args.package, args.backend)
+    runner = PackageRunner(args.package, args.backend, function=meta["function"])
     outs, predictions = run_all(runner, meta, seqs + label_seqs, lengths, pad_id, max_texts)
     ran = plural(len(texts), "text") + (f" and {plural(len(labels), 'label')}" if labels else "")
     print(f"backend: {'Core ML' if runner.backend == 'coreml' else 'float16 emulator'} "
@@ -384,8 +394,8 @@ def main(argv) -> int:
     results = [{"text": text, "num_tokens": len(ids), "length": out["length"],
                 **task_result(task, out["rows"], ids, tokenizer, meta, args)}
                for text, ids, out in zip(texts, seqs, outs)]
-    doc = {"package": str(args.package), "task": task, "backend": runner.backend, "predictions": predictions,
-           "results": results}
+    doc = {"package": str(args.package), "function": meta["function"], "task": task, "backend": runner.backend,
+           "predictions": predictions, "results": results}
     if task == "embed":
         add_similarities(doc, np.stack([o["rows"] for o in outs]), labels)
 

@@ -1,9 +1,14 @@
 """User-facing errors and the wrapper every command-line script runs its `main` in.
 
 Bad input is answered with one line on stderr and a non-zero exit, never a traceback;
-`--debug` anywhere on the command line shows the traceback instead.
+`--debug` anywhere on the command line shows the traceback instead. A write that runs out of room
+(a full disk, a quota, a file-size limit) is bad luck rather than a bug: `writing(target)` turns it
+into one line naming what was being written.
 """
+import errno
 import sys
+import tempfile
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -17,6 +22,34 @@ EXIT_INTERNAL_ERROR = 1
 def one_line(message: str) -> str:
     """Collapse a message to one line (library errors often span several)."""
     return " ".join(str(message).split())
+
+
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})   # disk full, quota, file-size limit
+# coremltools' C++ weight writer reports a failed write as a RuntimeError without an errno
+_FAILED_WRITE_MESSAGES = ("error occurred while writing data to the file",)
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Whether `e` is a write that failed for lack of room."""
+    if isinstance(e, OSError):
+        return e.errno in NO_SPACE_ERRNOS
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _FAILED_WRITE_MESSAGES)
+
+
+@contextmanager
+def writing(target):
+    """Run the block that writes `target`; running out of room inside it becomes a UserError naming
+    `target`. The writer's own cleanup (temporary files) runs first, as for any failure."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not out_of_space(e):
+            raise
+        if isinstance(e, OSError):
+            detail = e.strerror or one_line(e)
+        else:                                   # coremltools: its temporary copy may be what did not fit
+            detail = f"{one_line(e)}; temporary files go to {tempfile.gettempdir()}"
+        raise UserError(f"no space left to write {target} ({detail}); free some space or write it elsewhere") from e
 
 
 def run_cli(main, argv=None) -> None:

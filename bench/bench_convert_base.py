@@ -26,10 +26,15 @@ emu = MLProgramEmulator({package!r})
 load = time.perf_counter() - t
 S = {length}
 ids = np.random.default_rng(0).integers(5, 600, size=(1, S)).astype(np.int32)
+largest = [0, ""]
+def observe(name, op_type, value):
+    if np.size(value) > largest[0]:
+        largest[:] = [np.size(value), f"{{op_type}}:{{'x'.join(map(str, np.shape(value)))}}"]
 t = time.perf_counter()
-out = emu.predict({{"input_ids": ids, "attention_mask": np.ones((1, S), np.int32)}})
+out = emu.predict({{"input_ids": ids, "attention_mask": np.ones((1, S), np.int32)}}, observe=observe)
 run = time.perf_counter() - t
-print("RESULT", load, run, int(sum(np.isfinite(v).all() for v in out.values()) == len(out)))
+print("RESULT", load, run, int(sum(np.isfinite(v).all() for v in out.values()) == len(out)), largest[1],
+      largest[0] * 2 / 2**20)
 """
 
 
@@ -80,7 +85,8 @@ def main() -> None:
     print(out, file=sys.stderr)
     emu_out, emu_wall, emu_peak = run_child([sys.executable, "-c", EMULATE.format(
         root=str(ROOT), package=str(package), length=args.seq_len)])
-    _, load_s, run_s, finite = next(l.split() for l in emu_out.splitlines() if l.startswith("RESULT"))
+    _, load_s, run_s, finite, largest, largest_mib = next(l.split() for l in emu_out.splitlines()
+                                                         if l.startswith("RESULT"))
     weights = sum(f.stat().st_size for f in package.rglob("*") if f.is_file()) / 2**20
     print("| step | wall time | peak memory |\n|---|---|---|")
     print(f"| convert.py ({args.layers} layers, seq {args.seq_len}; {steps.split('(', 1)[1].rstrip(')')}) "
@@ -88,6 +94,7 @@ def main() -> None:
     print(f"| emulator: load package | {float(load_s):.1f} s | |")
     print(f"| emulator: one {args.seq_len}-token sequence (finite: {bool(int(finite))}) | {float(run_s):.1f} s "
           f"| {emu_peak:.2f} GiB (process) |")
+    print(f"| largest intermediate tensor: {largest.replace(':', ' ')} | | {float(largest_mib):.0f} MiB in float16 |")
     print(f"\npackage size: {weights:.0f} MiB")
 
 

@@ -131,10 +131,12 @@ def test_same_options_give_the_same_bytes(checkpoint_factory, tmp_path):
 
 
 def test_default_output_name_is_deterministic():
-    assert convert.default_output_name("answerdotai/ModernBERT-base", "fill-mask", "hadamard", 0, [128, 512]) == \
+    assert convert.default_output_name("answerdotai/ModernBERT-base", ["fill-mask"], "hadamard", 0, [128, 512]) == \
         "ModernBERT-base-fill-mask-hadamard-128-512.mlpackage"
-    assert convert.default_output_name("/x/my ckpt/", "classify", "random", 3, [64]) == \
+    assert convert.default_output_name("/x/my ckpt/", ["classify"], "random", 3, [64]) == \
         "my-ckpt-classify-random-seed3-64.mlpackage"
+    assert convert.default_output_name("m", ["fill-mask", "embed"], "hadamard", 0, [64], "palettize4") == \
+        "m-fill-mask+embed-hadamard-palettize4-64.mlpackage"
 
 
 def test_existing_output_is_kept_without_force(checkpoint_factory, tmp_path, capsys):
@@ -222,3 +224,83 @@ def test_int8_compression(packages, checkpoint_factory, outliers):
     ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[7]], LONG, pad_to=LONG)
     ours, ref = emulate(int8, ids, mask), transformers_logits(folder, ids, mask)
     assert distribution_metrics(ref[0], ours[0])["top1_agreement"] >= 0.98
+
+
+def test_kmeans_palette_is_nearest_and_exact_on_few_values():
+    rng = np.random.default_rng(0)
+    few = rng.choice(np.array([-1.5, -0.25, 0.0, 0.75], dtype=np.float16), size=(8, 64))
+    lut, indices = convert.kmeans_palette(few, nbits=2)
+    assert lut.dtype == np.float16 and sorted(lut.tolist()) == [-1.5, -0.25, 0.0, 0.75]
+    assert np.array_equal(lut[indices].reshape(few.shape), few)
+    weight = rng.normal(size=(32, 96)).astype(np.float16)
+    lut, indices = convert.kmeans_palette(weight, nbits=4)
+    assert lut.shape == (16,) and indices.dtype == np.uint8 and indices.max() < 16
+    distances = np.abs(weight.reshape(-1, 1).astype(np.float64) - lut.astype(np.float64))   # (values, 16)
+    assert np.array_equal(distances[np.arange(len(indices)), indices], distances.min(axis=1))  # the nearest entry
+    uniform = np.linspace(weight.min(), weight.max(), 16)                 # k-means beats an even grid
+    assert np.square(lut[indices] - weight.reshape(-1)).mean() < np.square(
+        uniform[np.abs(weight.reshape(-1, 1) - uniform).argmin(axis=1)] - weight.reshape(-1)).mean()
+    again = convert.kmeans_palette(weight, nbits=4)
+    assert np.array_equal(again[0], lut) and np.array_equal(again[1], indices)
+
+
+def program_op_types(package):
+    return MLProgramEmulator(str(package)).op_type_counts()
+
+
+@pytest.mark.parametrize("nbits", [4, 8])
+def test_palettized_packages(packages, checkpoint_factory, nbits):
+    folder = checkpoint_factory("tiny")
+    fp16, _ = packages("fp16-False", folder, "--seq-len", LONG, "--skip-check")
+    palettized, _ = packages(f"palettize{nbits}", folder, "--seq-len", LONG, "--compress", f"palettize{nbits}")
+    ratio = weights_bytes(palettized) / weights_bytes(fp16)
+    # nbits/16 of the float16 bytes, plus the float16 RoPE tables and C x C convs, plus one 2^nbits-entry
+    # palette per 32 rows: at hidden size 64 the 8-bit palettes are a quarter of their weights (at 768, 3%)
+    assert ratio < {4: 0.4, 8: 0.7}[nbits], ratio
+    assert read_metadata(palettized)["compress"] == f"palettize{nbits}"
+    assert program_op_types(palettized).get("constexpr_lut_to_dense", 0) >= 4 * CONFIGS["tiny"]["num_hidden_layers"]
+    ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[7]], LONG, pad_to=LONG)
+    ours, ref = emulate(palettized, ids, mask), transformers_logits(folder, ids, mask)
+    assert distribution_metrics(ref[0], ours[0])["top1_agreement"] >= (0.98 if nbits == 8 else 0.9)
+
+
+def test_target_refuses_what_it_cannot_run(checkpoint_factory, tmp_path, capsys):
+    folder = checkpoint_factory("tiny")
+    out = tmp_path / "old.mlpackage"
+    for options, needs in ((["--task", "fill-mask", "embed"], "multi-function package, which needs"),
+                           (["--compress", "palettize6"], "palette per group of channels, which needs"),
+                           (["--seq-len", SHORT, LONG], "enumerated shapes on two inputs, which need")):
+        code, err = run_convert([folder, "--seq-len", SHORT, *options, "--deployment-target", "iOS17", "-o", out],
+                                capsys)
+        assert code == 2 and needs in err and "--deployment-target macOS15 or iOS18 (not iOS17)" in err, err
+        assert list(tmp_path.iterdir()) == []
+    code, err = run_convert([folder, "--seq-len", SHORT, "--compress", "int8", "--deployment-target", "macOS14",
+                             "-o", out], capsys)                                   # int8 runs on macOS 14
+    assert code == 0 and read_metadata(out)["deployment_target"] == "macOS14"
+
+
+def test_multi_function_package_stores_the_encoder_once(packages, checkpoint_factory):
+    """fill-mask and embed heads in one package: each function computes what its single-task package
+    computes, and the second head costs (almost) nothing: the encoder's weights are stored once."""
+    folder = checkpoint_factory("tiny")
+    single, _ = packages("tiny-enum", folder, "--seq-len", SHORT, LONG)
+    multi, _ = packages("multi", folder, "--seq-len", SHORT, LONG, "--task", "fill-mask", "embed")
+    assert weights_bytes(multi) <= weights_bytes(single) * 1.01, (weights_bytes(multi), weights_bytes(single))
+    assert read_metadata(multi)["function_names"] == ["fill_mask", "embed"]
+    for function, task, output in (("fill_mask", "fill-mask", "logits"), ("embed", "embed", "embeddings")):
+        meta = read_metadata(multi, function)
+        assert (meta["function"], meta["task"], meta["output"]) == (function, task, output)
+        assert input_lengths(multi, function) == [SHORT, LONG] and meta["seq_lengths"] == [SHORT, LONG]
+    assert read_metadata(multi)["function"] == "fill_mask"                      # the first task is the default
+    from model import ModernBert
+    embedder, _ = ModernBert.from_pretrained(str(folder), task="embed")
+    for length, text in ((SHORT, EVAL_TEXTS[0]), (LONG, EVAL_TEXTS[6])):
+        ids, mask = tokenize(build_tokenizer(), [text], length, pad_to=length)
+        inputs = {"input_ids": ids.numpy().astype(np.int32), "attention_mask": mask.numpy().astype(np.int32)}
+        logits = MLProgramEmulator(str(multi), function_name="fill_mask").predict(inputs)["logits"]
+        assert np.array_equal(logits, emulate(single, ids, mask))              # the same weights, the same graph
+        vector = MLProgramEmulator(str(multi), function_name="embed").predict(inputs)["embeddings"]
+        with torch.no_grad():
+            ref = embedder(ids, mask).numpy()
+        assert vector.shape == ref.shape == (1, 1, CONFIGS["tiny"]["hidden_size"])
+        assert float(np.dot(vector[0, 0], ref[0, 0]) / np.linalg.norm(vector) / np.linalg.norm(ref)) > 0.999

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import convert
@@ -39,6 +40,30 @@ def test_package_matches_transformers(package, tmp_path, capsys):
             "overflow_count", "first_overflow"} <= set(m)
     assert m["top1_agreement"] >= 0.99 and m["nonfinite"] == 0 and m["backend"] == "emulate"
     assert {row["length"] for row in m["texts"]} == {32, 128}            # short texts use the short length
+
+
+def test_report_plots_the_package_per_layer(package, tmp_path, capsys):
+    folder = tmp_path / "report"
+    code, out, _ = run(diff_coreml.main, [package, "--backend", "emulate", "--report", folder], capsys)
+    page = (folder / "index.html").read_text()
+    assert code == 0 and page.count('<img src="data:image/png;base64,') == 2
+    assert "before rotation: model.py unrotated, float32" in page
+    assert "after rotation (hadamard): this package, float16 emulator" in page
+
+
+def test_package_ops_are_grouped_per_layer():
+    """Op names carry no module names: layers are told apart by their four convs, in the order ops ran."""
+    watch = diff_coreml.OverflowWatch()
+    ops = [("gather", 1), ("layer_norm", 30001), ("conv", 9), ("greater", 1)]                  # embeddings
+    for layer in range(2):
+        ops += [("rsqrt", 2), ("conv", 3), ("softmax", 1), ("conv", 4), ("add", 5), ("conv", 6), ("gelu", 7),
+                ("conv", 8), ("add", 10 + layer)]
+    ops += [("layer_norm", 40), ("conv", 50)]                                                   # head
+    for i, (kind, peak) in enumerate(ops):
+        watch.observe(f"op_{i}", kind, np.array([peak], dtype=np.float32))
+    assert watch.layer_peaks(2, embedding_convs=1) == {"embeddings": 30001, "layers.0": 10, "layers.1": 11,
+                                                        "head": 50}
+    assert watch.layer_peaks(2, embedding_convs=0)["embeddings"] == 30001
 
 
 def test_max_kl_fails_above_threshold(package, capsys):

@@ -52,6 +52,20 @@ def test_existing_json_needs_force(checkpoint_factory, tmp_path, capsys):
     assert code == 2 and "--force" in err and path.read_text() == "keep"
 
 
+def test_report_shows_both_models(checkpoint_factory, tmp_path, capsys):
+    folder = tmp_path / "report"
+    code, out, _ = run_main([str(checkpoint_factory()), "--report", str(folder)], capsys)
+    page = (folder / "index.html").read_text()
+    assert code == 0 and f"wrote {folder}/index.html" in out
+    assert page.count('<img src="data:image/png;base64,') == 2 and (folder / "activations.png").is_file()
+    assert "before rotation: model.py unrotated, float32" in page and "after rotation (hadamard)" in page
+    assert "KL per token" in page and "top1_agreement" in page
+    code, _, err = run_main([str(checkpoint_factory()), "--report", str(folder)], capsys)      # refused at once
+    assert code == 2 and "--force" in err
+    code, _, err = run_main([str(checkpoint_factory()), "--report", str(checkpoint_factory() / "r")], capsys)
+    assert code == 2 and "inside the input" in err
+
+
 def bad_checkpoints(source, tmp_path):
     other = tmp_path / "other-type"
     shutil.copytree(source, other)

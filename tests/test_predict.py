@@ -60,7 +60,8 @@ def tokenizer_of(folder):
 
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory, checkpoint_factory):
-    """packages(task, max_texts=3, seq_len=(32, 64)) -> (package, checkpoint folder), converted once."""
+    """packages(task, max_texts=3, seq_len=(32, 64)) -> (package, checkpoint folder), converted once.
+    task "fill-mask+encoder": a multi-function package of those tasks."""
     built = {}
     root = tmp_path_factory.mktemp("packages")
 
@@ -72,9 +73,9 @@ def packages(tmp_path_factory, checkpoint_factory):
                 if not folder.exists():
                     build_sentence_transformers(folder, "tiny", "mean", 32, True)
             else:
-                folder = checkpoint_factory("tiny", task)
+                folder = checkpoint_factory("tiny", task.split("+")[0])
             output = root / f"{task}-{max_texts}-{'-'.join(map(str, seq_len))}.mlpackage"
-            argv = [str(folder), "--task", task, "--seq-len", *map(str, seq_len), "--skip-check", "-o", str(output)]
+            argv = [str(folder), "--task", *task.split("+"), "--seq-len", *map(str, seq_len), "--skip-check", "-o", str(output)]
             if max_texts > 1:
                 argv += ["--max-texts", str(max_texts)]
             with pytest.raises(SystemExit) as e:
@@ -234,6 +235,22 @@ def test_encoder_shape_norms_and_full_json(packages, capsys):
     assert len(out.splitlines()[-1].split()) == 16
 
 
+def test_multi_function_package_runs_each_head_at_each_length(packages, capsys):
+    package, _ = packages("fill-mask+encoder", max_texts=1)
+    single, _ = packages("fill-mask")
+    texts = [SHORT, LONG.replace("mill", "[MASK]")]
+    default = run_json([str(package), *texts], capsys)
+    assert (default["function"], default["task"]) == ("fill_mask", "fill-mask")
+    assert [r["length"] for r in default["results"]] == [32, 64]
+    assert default["results"] == run_json([str(single), *texts], capsys)["results"]   # the same head, same weights
+    encoder = run_json([str(package), *texts, "--function", "encoder"], capsys)
+    assert (encoder["function"], encoder["task"]) == ("encoder", "encoder")
+    assert [r["length"] for r in encoder["results"]] == [32, 64]
+    assert [r["shape"] for r in encoder["results"]] == [[r["num_tokens"], 64] for r in default["results"]]
+    code, _, err = run_main([str(package), SHORT, "--function", "classify"], capsys)
+    assert_one_line_error(code, err, "has no function 'classify' (it has fill_mask, encoder)")
+
+
 def test_embed_vector_similarity_and_zero_shot(packages, capsys):
     from model import ModernBert
     package, folder = packages("embed")
@@ -370,7 +387,7 @@ def test_bad_input_gets_one_line_in_process(packages, capsys, tmp_path, monkeypa
 def foreign_packages(tmp_path):
     """A valid ML Program without our metadata, and one claiming a task predict.py does not know."""
     from coremltools.converters.mil import Builder as mb
-    from mlpackage import write_metadata
+    from mlpackage import package_spec, save_spec, write_metadata
     from quiet_coremltools import import_coremltools
     ct = import_coremltools()
 
@@ -381,10 +398,12 @@ def foreign_packages(tmp_path):
     paths = {}
     for name, task in (("foreign", None), ("future", "translate")):
         mlmodel = ct.convert(prog, convert_to="mlprogram", skip_model_load=True)
-        if task:
-            write_metadata(mlmodel, {"task": task})
         paths[name] = tmp_path / f"{name}.mlpackage"
         mlmodel.save(str(paths[name]))
+        if task:
+            spec = package_spec(paths[name])
+            write_metadata(spec, {"task": task})
+            save_spec(paths[name], spec)
     return paths
 
 
