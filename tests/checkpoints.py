@@ -5,6 +5,7 @@ Random init leaves every norm weight at 1 and bias at 0, and near-uniform logits
 the norms and biases (so a norm bug shows) and the initializer range is raised (so top-1 is not noise).
 `plant_outliers` gives a checkpoint the massive activations trained ModernBERTs have.
 """
+import collections
 import functools
 import json
 from pathlib import Path
@@ -45,14 +46,42 @@ def training_corpus() -> list[str]:
     return list(EVAL_TEXTS) + extra
 
 
+def wordpiece_vocab(normalizer, pre_tokenizer, corpus: list[str], size: int = 600) -> dict[str, int]:
+    """A WordPiece vocabulary of `size` tokens learnt from `corpus` the way tokenizers' WordPieceTrainer
+    learns one (start from the characters, "##" marking a word's inner ones, and merge the most frequent
+    adjacent pair until the vocabulary is full), with ties broken alphabetically. The trainer itself is not
+    used: its tie-breaking follows a hash map's iteration order, so each process learnt another vocabulary
+    (huggingface/tokenizers#1794) and every test checkpoint was a different model from run to run."""
+    counts = collections.Counter(word for text in corpus
+                                 for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    splits = {word: [word[0]] + ["##" + ch for ch in word[1:]] for word in sorted(counts)}
+    vocab = SPECIAL_TOKENS + sorted({piece for pieces in splits.values() for piece in pieces})
+    while len(vocab) < size:
+        pairs = collections.Counter()
+        for word, pieces in splits.items():
+            for pair in zip(pieces, pieces[1:]):
+                pairs[pair] += counts[word]
+        if not pairs:
+            break
+        (left, right), _ = min(pairs.items(), key=lambda item: (-item[1], item[0]))
+        merged = left + right[2:]                           # right is an inner piece: drop its "##"
+        for word, pieces in splits.items():
+            i = 0
+            while i < len(pieces) - 1:
+                if pieces[i] == left and pieces[i + 1] == right:
+                    pieces[i:i + 2] = [merged]
+                i += 1
+        vocab.append(merged)
+    return {token: i for i, token in enumerate(dict.fromkeys(vocab))}
+
+
 @functools.lru_cache(maxsize=1)
 def _trained_tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    tok = Tokenizer(models.WordPiece(wordpiece_vocab(normalizer, pre_tokenizer, training_corpus()), unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(training_corpus(), trainers.WordPieceTrainer(vocab_size=600, special_tokens=SPECIAL_TOKENS))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
