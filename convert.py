@@ -151,17 +151,27 @@ def check_output(output: Path, checkpoint_dir: Path | None, force: bool) -> None
 
 
 class Progress:
+    """"[2/6] tracing at 512 tokens ..." on stderr when a step starts, its seconds when it ends. A step
+    that reads the user's input is announced only once it succeeded (`announce="done"`), so bad input
+    gets its one error line on stderr and nothing else."""
+
     def __init__(self, steps: int):
         self.steps, self.step, self.times = steps, 0, {}
 
-    def start(self, what: str) -> None:
+    def start(self, what: str, announce: str = "start") -> None:
         self.step += 1
-        self.what, self.t0 = what, time.perf_counter()
-        print(f"[{self.step}/{self.steps}] {what} ...", file=sys.stderr, flush=True)
+        self.what, self.t0, self.announce = what, time.perf_counter(), announce
+        if announce == "start":
+            self._print_start()
 
     def done(self) -> None:
         self.times[self.what] = time.perf_counter() - self.t0
+        if self.announce == "done":
+            self._print_start()
         print(f"      {self.times[self.what]:.1f} s", file=sys.stderr, flush=True)
+
+    def _print_start(self) -> None:
+        print(f"[{self.step}/{self.steps}] {self.what} ...", file=sys.stderr, flush=True)
 
     def summary(self) -> str:
         """Seconds per kind of step ("converting 9.8 s"), summed over the tasks of a multi-function package."""
@@ -445,7 +455,7 @@ def main(argv) -> int:
         check_output(Path(args.output), None, args.force)
     n_tasks = len(args.task or [None])
     steps = Progress(1 + n_tasks * (3 - (args.rotation == "none")) + 1 + (not args.skip_check))
-    steps.start(f"loading {args.model}")
+    steps.start(f"loading {args.model}", announce="done")             # the input is checked here
     model, ckpt = ModernBert.from_pretrained(args.model, task=args.task[0] if args.task else None,
                                              revision=args.revision, max_texts=args.max_texts,
                                              allow_pickle=args.allow_pickle)

@@ -138,8 +138,6 @@ def main(argv) -> int:
     lengths = input_lengths(args.package, meta["function"])
     task = meta["task"]
     runner = PackageRunner(args.package, args.backend, pessimistic=args.pessimistic, function=meta["function"])
-    backend_name = "Core ML (CPU and Neural Engine)" if runner.backend == "coreml" else "the float16 emulator"
-    print(f"running {args.package} with {backend_name}", file=sys.stderr)
     source = args.model or meta.get("source")
     try:
         ckpt = resolve_checkpoint(source, allow_pickle=args.allow_pickle)
@@ -151,6 +149,8 @@ def main(argv) -> int:
     check_model_matches(meta, ModernBertConfig.from_dict(ckpt.config), source, args.package)
     tokenizer = load_tokenizer(args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root)
     ref_model = reference_model(ckpt, task)
+    backend_name = "Core ML (CPU and Neural Engine)" if runner.backend == "coreml" else "the float16 emulator"
+    print(f"running {args.package} with {backend_name}", file=sys.stderr)   # the input read: no more bad-input errors
     output_name = meta.get("output", "logits")
     watch = OverflowWatch() if runner.backend == "emulate" else None
     refs, outs, masks, rows = [], [], [], []

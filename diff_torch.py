@@ -141,9 +141,12 @@ def main(argv) -> int:
     check_output_path(args.json, args.force, inside=[args.model])
     check_output_path(args.report, args.force, inside=[args.model], folder=True)
     check_report_folder(args.report, args.force)
-    print(f"loading {args.model} ...", file=sys.stderr)
+    # everything that reads the user's input first, so that bad input gets one line on stderr and nothing else
     model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision,
                                              allow_pickle=args.allow_pickle)
+    tokenizer = load_tokenizer(ckpt.root)
+    transformers_model = reference_model(ckpt, model.task)
+    print(f"loaded {ckpt.source} ({model.task}, {model.config.num_hidden_layers} layers)", file=sys.stderr)
     unrotated = copy.deepcopy(model) if args.report and args.rotation != "none" else None   # "before rotation"
     if args.rotation != "none":
         print(f"rotating ({args.rotation}, seed {args.seed}) ...", file=sys.stderr)
@@ -152,13 +155,13 @@ def main(argv) -> int:
         model.set_query_chunk(args.query_chunk)
     dtype = torch.float16 if args.precision == "float16" else torch.float32
     model = model.to(dtype)
-    tokenizer = load_tokenizer(ckpt.root)
     max_length = min(args.max_length, model.config.max_position_embeddings)
     input_ids, attention_mask = tokenize(tokenizer, EVAL_TEXTS, max_length)
     mask = attention_mask.numpy()
     print(f"running transformers (float32) and this model ({args.precision}) on {len(EVAL_TEXTS)} texts, "
           f"{int(mask.sum())} tokens, up to {input_ids.shape[1]} per text ...", file=sys.stderr)
-    ref = reference_outputs(reference_model(ckpt, model.task), model.task, input_ids, attention_mask, ckpt)
+    ref = reference_outputs(transformers_model, model.task, input_ids, attention_mask, ckpt)
+    del transformers_model
     ours, probe = run_model(model, input_ids, attention_mask, dtype)
 
     metrics = output_metrics(model.task, ref["output"], ours["output"], mask)
