@@ -355,7 +355,7 @@ def check_runs(model: ModernBert, tokenizer, lengths: list[int]) -> list[tuple[s
     largest length and, for packing packages, two texts packed into the largest length."""
     runs = []
     for length in sorted({lengths[0], lengths[-1]}):
-        ids, mask = tokenize(tokenizer, [EVAL_TEXTS[0], EVAL_TEXTS[6]], length, pad_to=length)
+        ids, mask = tokenize(tokenizer, [EVAL_TEXTS[0], EVAL_TEXTS[6]], length, fixed_length=True)
         runs += [(f"{length} tokens", ids[i:i + 1], mask[i:i + 1]) for i in range(2)]
     if model.max_texts > 1:
         runs.append((f"2 texts packed in {lengths[-1]} tokens",

@@ -159,7 +159,7 @@ def main(argv) -> int:
     for i, text in enumerate(EVAL_TEXTS):
         n_tokens = len(tokenizer(text)["input_ids"])
         length = next((n for n in lengths if n >= n_tokens), lengths[-1])
-        ids, mask = tokenize(tokenizer, [text], length, pad_to=length)
+        ids, mask = tokenize(tokenizer, [text], length, fixed_length=True)
         print(f"  text {i + 1}/{len(EVAL_TEXTS)}: {min(n_tokens, length)} tokens at length {length}", file=sys.stderr)
         ref = reference_outputs(ref_model, task, ids, mask, ckpt)["output"]     # (1, S, V) or (1, L) pooled
         ours = runner.predict({"input_ids": ids.numpy(), "attention_mask": mask.numpy()},

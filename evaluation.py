@@ -89,10 +89,11 @@ def load_tokenizer(source: str, tasks=()):
     return tokenizer
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int, pad_to: int | None = None):
-    """(input_ids, attention_mask), int64 (B, S): padded to the longest text, or to `pad_to`, truncated to max_length."""
-    enc = tokenizer(list(texts), padding="max_length" if pad_to else "longest", truncation=True,
-                    max_length=pad_to or max_length, return_tensors="pt")
+def tokenize(tokenizer, texts: list[str], max_length: int, fixed_length: bool = False):
+    """(input_ids, attention_mask), int64 (B, S): truncated to max_length, padded to the longest text or,
+    with `fixed_length` (a package's fixed input shape), to max_length."""
+    enc = tokenizer(list(texts), padding="max_length" if fixed_length else "longest", truncation=True,
+                    max_length=max_length, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
 
 

@@ -61,7 +61,7 @@ def test_enumerated_lengths_below_and_above_the_window(packages, checkpoint_fact
     assert meta["mask_token_id"] == build_tokenizer().mask_token_id and meta["version"]
     tokenizer = build_tokenizer()
     for length, text in ((SHORT, EVAL_TEXTS[0]), (LONG, EVAL_TEXTS[6])):
-        ids, mask = tokenize(tokenizer, [text], length, pad_to=length)
+        ids, mask = tokenize(tokenizer, [text], length, fixed_length=True)
         ours, ref = emulate(package, ids, mask), transformers_logits(folder, ids, mask)
         valid = mask.numpy().astype(bool)
         m = distribution_metrics(ref[valid], ours[valid])
@@ -73,7 +73,7 @@ def test_sliding_window_and_padding_survive_conversion(packages, checkpoint_fact
     padding would pass a short-text check: compare against a window-less model and against re-padding."""
     package, folder = packages("tiny-enum", checkpoint_factory("tiny"), "--seq-len", SHORT, LONG)
     tokenizer = build_tokenizer()
-    ids, mask = tokenize(tokenizer, [EVAL_TEXTS[6]], LONG, pad_to=LONG)          # all 48 tokens real
+    ids, mask = tokenize(tokenizer, [EVAL_TEXTS[6]], LONG, fixed_length=True)          # all 48 tokens real
     ours = emulate(package, ids, mask)[0]
     ref = transformers_logits(folder, ids, mask)[0]
     from model import ModernBert
@@ -83,7 +83,7 @@ def test_sliding_window_and_padding_survive_conversion(packages, checkpoint_fact
         no_window = unwindowed(ids, mask).numpy()[0]
     assert np.abs(ours - ref).max() < 0.1
     assert np.abs(no_window - ref).max() > 10 * np.abs(ours - ref).max()     # the window changes the answer
-    short_ids, short_mask = tokenize(tokenizer, [EVAL_TEXTS[3]], LONG, pad_to=LONG)
+    short_ids, short_mask = tokenize(tokenizer, [EVAL_TEXTS[3]], LONG, fixed_length=True)
     n = int(short_mask.sum())
     padded = emulate(package, short_ids, short_mask)[0, :n]
     exact_ids, exact_mask = tokenize(tokenizer, [EVAL_TEXTS[3]], SHORT + 100)
@@ -95,7 +95,7 @@ def test_sliding_window_and_padding_survive_conversion(packages, checkpoint_fact
 def planted_outlier_top1(package, folder):
     """Pessimistic emulation: the fused layer_norm op also squares in float16, as hardware may."""
     tokenizer = build_tokenizer()
-    ids, mask = tokenize(tokenizer, [EVAL_TEXTS[7]], LONG, pad_to=LONG)
+    ids, mask = tokenize(tokenizer, [EVAL_TEXTS[7]], LONG, fixed_length=True)
     ours, ref = emulate(package, ids, mask, pessimistic=True), transformers_logits(folder, ids, mask)
     valid = mask.numpy().astype(bool)
     return distribution_metrics(ref[valid], ours[valid])["top1_agreement"], int((~np.isfinite(ours)).sum())
@@ -114,7 +114,7 @@ def test_planted_outliers_need_the_rotation(packages, checkpoint_factory):
 @pytest.mark.parametrize("config", ["biased", "odd"])
 def test_other_configs_convert(packages, checkpoint_factory, config):
     package, folder = packages(f"{config}", checkpoint_factory(config), "--seq-len", LONG)
-    ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[8]], LONG, pad_to=LONG)
+    ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[8]], LONG, fixed_length=True)
     ours, ref = emulate(package, ids, mask), transformers_logits(folder, ids, mask)
     assert distribution_metrics(ref[0], ours[0])["top1_agreement"] >= 0.99
 
@@ -198,7 +198,7 @@ def test_blockwise_local_layers_have_no_square_tensor(packages, checkpoint_facto
     blockwise, _ = packages("tiny-blockwise", folder, "--seq-len", length, "--local-attention", "blockwise")
     masked, _ = packages("tiny-masked", folder, "--seq-len", length, "--local-attention", "masked", "--skip-check")
     assert read_metadata(blockwise)["local_attention"] == "blockwise"
-    ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[6]], 70, pad_to=70)
+    ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[6]], 70, fixed_length=True)
     ids = torch.nn.functional.pad(ids, (0, length - 70), value=build_tokenizer().pad_token_id)
     mask = torch.nn.functional.pad(mask, (0, length - 70))
     ours, ref = emulate(blockwise, ids, mask), transformers_logits(folder, ids, mask)
@@ -221,7 +221,7 @@ def test_int8_compression(packages, checkpoint_factory, outliers):
     ratio = weights_bytes(int8) / weights_bytes(fp16)
     assert ratio < (0.75 if outliers else 0.6), ratio            # outliers: token embeddings stay float16
     assert read_metadata(int8)["compress"] == "int8"
-    ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[7]], LONG, pad_to=LONG)
+    ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[7]], LONG, fixed_length=True)
     ours, ref = emulate(int8, ids, mask), transformers_logits(folder, ids, mask)
     assert distribution_metrics(ref[0], ours[0])["top1_agreement"] >= 0.98
 
@@ -259,7 +259,7 @@ def test_palettized_packages(packages, checkpoint_factory, nbits):
     assert ratio < {4: 0.4, 8: 0.7}[nbits], ratio
     assert read_metadata(palettized)["compress"] == f"palettize{nbits}"
     assert program_op_types(palettized).get("constexpr_lut_to_dense", 0) >= 4 * CONFIGS["tiny"]["num_hidden_layers"]
-    ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[7]], LONG, pad_to=LONG)
+    ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[7]], LONG, fixed_length=True)
     ours, ref = emulate(palettized, ids, mask), transformers_logits(folder, ids, mask)
     assert distribution_metrics(ref[0], ours[0])["top1_agreement"] >= (0.98 if nbits == 8 else 0.9)
 
@@ -295,7 +295,7 @@ def test_multi_function_package_stores_the_encoder_once(packages, checkpoint_fac
     from model import ModernBert
     embedder, _ = ModernBert.from_pretrained(str(folder), task="embed")
     for length, text in ((SHORT, EVAL_TEXTS[0]), (LONG, EVAL_TEXTS[6])):
-        ids, mask = tokenize(build_tokenizer(), [text], length, pad_to=length)
+        ids, mask = tokenize(build_tokenizer(), [text], length, fixed_length=True)
         inputs = {"input_ids": ids.numpy().astype(np.int32), "attention_mask": mask.numpy().astype(np.int32)}
         logits = MLProgramEmulator(str(multi), function_name="fill_mask").predict(inputs)["logits"]
         assert np.array_equal(logits, emulate(single, ids, mask))              # the same weights, the same graph

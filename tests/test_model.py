@@ -278,7 +278,7 @@ def test_blockwise_local_attention_is_exact(checkpoint_factory, config):
     folder = checkpoint_factory(config, "fill-mask")
     b = CONFIGS[config]["local_attention"] // 2
     texts = [EVAL_TEXTS[6], EVAL_TEXTS[0], EVAL_TEXTS[7]]
-    ids, mask = tokenize(build_tokenizer(), texts, 320, pad_to=320)
+    ids, mask = tokenize(build_tokenizer(), texts, 320, fixed_length=True)
     assert 320 % b == 0 and mask.sum(1).min() < 320                  # a multiple of the block, padded rows
     model, ckpt = ModernBert.from_pretrained(str(folder))
     model.set_local_attention("blockwise")

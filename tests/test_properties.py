@@ -86,7 +86,7 @@ def expected_ids(tokenizer, text, limit):
 @props(60)
 @given(batch=st.lists(texts, min_size=1, max_size=4), max_length=st.integers(4, 48), fixed=st.booleans())
 def test_tokenize_pads_and_truncates_to_the_tokenizers_own_encoding(tokenizer, batch, max_length, fixed):
-    ids, mask = tokenize(tokenizer, batch, max_length, pad_to=max_length if fixed else None)
+    ids, mask = tokenize(tokenizer, batch, max_length, fixed_length=fixed)
     ids, mask = ids.numpy(), mask.numpy()
     cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
     expected = [expected_ids(tokenizer, text, max_length) for text in batch]
@@ -106,7 +106,7 @@ def test_tokenize_pads_and_truncates_to_the_tokenizers_own_encoding(tokenizer, b
 @given(text=texts, limit=st.integers(4, 40))
 def test_predict_encode_agrees_with_tokenize(tokenizer, text, limit):
     full = list(tokenizer(text)["input_ids"])
-    ids, mask = tokenize(tokenizer, [text], limit, pad_to=limit)
+    ids, mask = tokenize(tokenizer, [text], limit, fixed_length=True)
     n = int(mask.sum())
     assert predict.encode(tokenizer, text, "text 1", limit, truncate=True) == ids[0, :n].tolist()
     if len(full) > limit:
