@@ -9,6 +9,7 @@ Reports the same metrics and JSON keys as diff_torch.py. --report DIR writes a p
 (report.py): the package's largest value per layer against model.py unrotated, and KL per token.
 """
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -48,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class OverflowWatch:
-    """Per op of the package: the largest |value| and the count of values float16 could not hold."""
+    """Per op of the package: the largest |value| and the count of values float16 could not hold.
+    `conv_weights` (conv op name -> its weight's name) lets layer_peaks tell the layers apart."""
 
-    def __init__(self):
+    def __init__(self, conv_weights: dict[str, str] | None = None):
         self.max_abs, self.overflow, self.op_type = {}, {}, {}
+        self.conv_weights = conv_weights or {}
 
     def observe(self, op_name, op_type, value) -> None:
         value = np.asarray(value)
@@ -77,22 +80,39 @@ class OverflowWatch:
         top = sorted(self.max_abs.items(), key=lambda kv: -kv[1])[:n]
         return [{"op": name, "max_abs": value} for name, value in top]
 
-    def layer_peaks(self, n_layers: int, embedding_convs: int) -> dict[str, float]:
-        """The largest |value| per "embeddings", "layers.i", "head", from the order the ops ran in (the
-        package's op names carry no module names): every layer runs four convs (Wqkv, Wo, Wi, Wo), the
-        embeddings `embedding_convs` (1 when rotated); the residual add after a layer's last conv is its own."""
-        def group(k):                                       # k: index of the next conv among the layers' convs
-            return "embeddings" if k < 0 else f"layers.{k // 4}" if k // 4 < n_layers else "head"
-        peaks, convs, closed = {}, 0, None
-        for name, peak in self.max_abs.items():
-            k = convs - embedding_convs
-            if self.op_type[name] == "conv":
-                where, convs = group(k), convs + 1
+    def layer_peaks(self) -> dict[str, float]:
+        """The largest |value| per "embeddings", "layers.i", "head", in the order the ops ran. A conv belongs
+        where its weight's name says (model_layers_3_mlp_Wi_weight_to_fp16[_quantized] -> layers.3); another
+        op belongs with the next conv (a layer starts with its norm), except a residual add right after a conv
+        (it ends that conv's layer), ops before layer 0's first conv (layer 0 has no attention norm: they are
+        the embeddings') and ops after the last conv (the head's)."""
+        names = list(self.max_abs)
+        groups = [weight_group(self.conv_weights[n]) if self.op_type[n] == "conv" and n in self.conv_weights
+                  else None for n in names]
+        next_group, following = [], "head"
+        for group in reversed(groups):
+            next_group.append(following)
+            following = group or following
+        next_group.reverse()
+        peaks, in_layers = {}, False
+        for j, name in enumerate(names):
+            if groups[j]:
+                where = groups[j]
+            elif self.op_type[name] == "add" and j and groups[j - 1]:
+                where = groups[j - 1]
             else:
-                where = closed if closed and self.op_type[name] == "add" else group(k if k > 0 else -1)
-            closed = where if self.op_type[name] == "conv" and k >= 0 and k % 4 == 3 else None
-            peaks[where] = max(peaks.get(where, 0.0), peak)
+                where = next_group[j] if in_layers or not next_group[j].startswith("layers.") else "embeddings"
+            in_layers |= where.startswith("layers.")
+            peaks[where] = max(peaks.get(where, 0.0), self.max_abs[name])
         return peaks
+
+
+def weight_group(weight_name: str) -> str:
+    """"embeddings", "layers.i" or "head" for a weight constant named after its module by the converter."""
+    layer = re.search(r"(?:^|_)layers_(\d+)_", weight_name)
+    if layer:
+        return f"layers.{layer.group(1)}"
+    return "embeddings" if "embeddings" in weight_name else "head"
 
 
 def check_model_matches(meta: dict, config: ModernBertConfig, source: str, package: str) -> None:
@@ -111,9 +131,9 @@ def write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics,
     peaks = {"before rotation: model.py unrotated, float32": before.max_abs}
     notes = []
     if watch and rotation == "none":
-        peaks["this package (rotation none), " + backend] = watch.layer_peaks(n_layers, 0)
+        peaks["this package (rotation none), " + backend] = watch.layer_peaks()
     elif watch:
-        peaks[f"after rotation ({rotation}): this package, {backend}"] = watch.layer_peaks(n_layers, 1)
+        peaks[f"after rotation ({rotation}): this package, {backend}"] = watch.layer_peaks()
     else:
         notes.append("Core ML gives no per-op values: only model.py is plotted per layer (--backend emulate adds "
                      "the package's).")
@@ -152,7 +172,8 @@ def main(argv) -> int:
     backend_name = "Core ML (CPU and Neural Engine)" if runner.backend == "coreml" else "the float16 emulator"
     print(f"running {args.package} with {backend_name}", file=sys.stderr)   # the input read: no more bad-input errors
     output_name = meta.get("output", "logits")
-    watch = OverflowWatch() if runner.backend == "emulate" else None
+    conv_weights = {op: read["weight"][0] for op, read in runner.op_inputs().items() if read.get("weight")}
+    watch = OverflowWatch(conv_weights) if runner.backend == "emulate" else None
     refs, outs, masks, rows = [], [], [], []
     unrotated = ModernBert.from_checkpoint(ckpt, task) if args.report else None      # "before rotation"
     before, disagreement = ActivationProbe(), []

@@ -185,6 +185,10 @@ class PackageRunner:
             raise PackageError(f"cannot load {self.path} (damaged? e.g. a truncated weight.bin): "
                                f"{type(e).__name__}: {e}") from e
 
+    def op_inputs(self) -> dict:
+        """op name -> parameter -> names read, for the ops `predict(observe=)` reports (emulator only)."""
+        return self._model.op_inputs if self.backend == "emulate" else {}
+
     def predict(self, inputs: dict, observe=None) -> dict:
         """inputs: name -> int32 array. observe(op_name, op_type, value) sees every op (emulator only)."""
         inputs = {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in inputs.items()}

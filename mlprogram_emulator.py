@@ -1586,6 +1586,9 @@ class MLProgramEmulator:
         slot_of: Dict[str, int] = {}
         consts: Dict[str, object] = {}
         self.input_names: List[str] = []
+        # op name -> parameter -> the names of the variables and constants it reads (e.g. a conv's weight
+        # constant, whose name says which layer it is), for every op that runs
+        self.op_inputs: Dict[str, Dict[str, List[str]]] = {}
         self._input_slots: Dict[str, int] = {}
         self._input_info = {}
         fp32_input_slots = set()
@@ -1662,6 +1665,8 @@ class MLProgramEmulator:
                 continue
             st = _Step()
             st.op_type, st.name, st.fn, st.kinds, st.ctx = op.type, name, fn, kinds, ctx
+            self.op_inputs[name] = {pname: [b.name for b in arg.arguments if b.WhichOneof("binding") == "name"]
+                                    for pname, arg in op.inputs.items()}
             st.params = params
             st.skip_round = op.type in _MOVEMENT_OPS and not reads_fp32_input
             st.outs = []

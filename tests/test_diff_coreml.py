@@ -10,7 +10,8 @@ import pytest
 
 import convert
 import diff_coreml
-from checkpoints import build_sentence_transformers
+from checkpoints import CONFIGS, build_sentence_transformers
+from mlpackage import PackageRunner, input_lengths
 from user_errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,19 +52,51 @@ def test_report_plots_the_package_per_layer(package, tmp_path, capsys):
     assert "after rotation (hadamard): this package, float16 emulator" in page
 
 
-def test_package_ops_are_grouped_per_layer():
-    """Op names carry no module names: layers are told apart by their four convs, in the order ops ran."""
-    watch = diff_coreml.OverflowWatch()
-    ops = [("gather", 1), ("layer_norm", 30001), ("conv", 9), ("greater", 1)]                  # embeddings
+def program_ops(layer_convs=("attn_Wqkv", "attn_Wo", "mlp_Wi", "mlp_Wo"), rotated=True):
+    """(op kind, peak, conv weight name or None) in run order, shaped like a converted 2-layer package."""
+    ops = [("gather", 1, None), ("layer_norm", 30001, None)]
+    ops += [("conv", 9, "model_embeddings_proj_weight_to_fp16")] if rotated else []
+    ops += [("greater", 1, None)]
     for layer in range(2):
-        ops += [("rsqrt", 2), ("conv", 3), ("softmax", 1), ("conv", 4), ("add", 5), ("conv", 6), ("gelu", 7),
-                ("conv", 8), ("add", 10 + layer)]
-    ops += [("layer_norm", 40), ("conv", 50)]                                                   # head
-    for i, (kind, peak) in enumerate(ops):
+        convs = iter(layer_convs)
+        for kind, peak in [("rsqrt", 2), ("conv", 3), ("softmax", 1), ("conv", 4), ("add", 5), ("conv", 6),
+                           ("gelu", 7), ("conv", 8), ("add", 10 + layer)]:
+            weight = f"model_layers_{layer}_{next(convs)}_weight_to_fp16_quantized" if kind == "conv" else None
+            ops.append((kind, peak, weight))
+    return ops + [("layer_norm", 40, None), ("conv", 50, "model_decoder_weight_to_fp16"), ("add", 1, None)]
+
+
+def grouped_peaks(ops):
+    watch = diff_coreml.OverflowWatch({f"op_{i}": weight for i, (_, _, weight) in enumerate(ops) if weight})
+    for i, (kind, peak, _) in enumerate(ops):
         watch.observe(f"op_{i}", kind, np.array([peak], dtype=np.float32))
-    assert watch.layer_peaks(2, embedding_convs=1) == {"embeddings": 30001, "layers.0": 10, "layers.1": 11,
-                                                        "head": 50}
-    assert watch.layer_peaks(2, embedding_convs=0)["embeddings"] == 30001
+    return watch.layer_peaks()
+
+
+def test_package_ops_are_grouped_per_layer():
+    """Convs go where their weight's name says; other ops with the next conv, a residual add with the conv
+    before it; everything before layer 0 is the embeddings', everything after the last conv the head's."""
+    expected = {"embeddings": 30001, "layers.0": 10, "layers.1": 11, "head": 50}
+    assert grouped_peaks(program_ops()) == expected
+    assert grouped_peaks(program_ops(rotated=False)) == expected
+    # a layer written with another number of convs (separate q, k, v) is still grouped by name
+    split_qkv = program_ops(layer_convs=("attn_Wq", "attn_Wo", "mlp_Wi", "mlp_Wo"))
+    at = split_qkv.index(("conv", 3, "model_layers_0_attn_Wq_weight_to_fp16_quantized"))
+    split_qkv[at + 1:at + 1] = [("conv", 3, "model_layers_0_attn_Wk_weight_to_fp16"),
+                                ("conv", 3, "model_layers_0_attn_Wv_weight_to_fp16")]
+    assert grouped_peaks(split_qkv) == expected
+
+
+def test_package_ops_are_grouped_per_layer_in_a_real_package(package):
+    """Every layer of the converted package gets its ops (the weights' names are the converter's)."""
+    runner = PackageRunner(package, "emulate")
+    conv_weights = {op: read["weight"][0] for op, read in runner.op_inputs().items() if read.get("weight")}
+    watch = diff_coreml.OverflowWatch(conv_weights)
+    ids = np.full((1, input_lengths(package)[0]), 5, dtype=np.int32)
+    runner.predict({"input_ids": ids, "attention_mask": np.ones_like(ids)}, observe=watch.observe)
+    n_layers = CONFIGS["tiny"]["num_hidden_layers"]
+    assert list(watch.layer_peaks()) == ["embeddings", *(f"layers.{i}" for i in range(n_layers)), "head"]
+    assert len(conv_weights) == 1 + 4 * n_layers + 3      # embeddings proj, 4 per layer, final proj, head, decoder
 
 
 def test_max_kl_fails_above_threshold(package, capsys):
