@@ -14,7 +14,6 @@ the embedding and cosine similarities (embed), or the hidden states' shape and n
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -353,14 +352,6 @@ def format_similarity(matrix: list[list[float]]) -> str:
 
 # ----------------------------------------------------------------------------- main
 
-def emit(text: str) -> None:
-    """Print to stdout; a reader that went away (`predict.py ... | head`) is not an error."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit
-
-
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' * (n != 1)}"
 
@@ -400,11 +391,11 @@ def main(argv) -> int:
         add_similarities(doc, np.stack([o["rows"] for o in outs]), labels)
 
     if args.json:
-        emit(json.dumps(doc, indent=2, ensure_ascii=False))
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
     else:
-        emit("\n".join(format_text(r, i, task) for i, r in enumerate(results)))
+        print("\n".join(format_text(r, i, task) for i, r in enumerate(results)))
         if "similarity" in doc:
-            emit(format_similarity(doc["similarity"]))
+            print(format_similarity(doc["similarity"]))
     return 0
 
 

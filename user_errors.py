@@ -3,9 +3,11 @@
 Bad input is answered with one line on stderr and a non-zero exit, never a traceback;
 `--debug` anywhere on the command line shows the traceback instead. A write that runs out of room
 (a full disk, a quota, a file-size limit) is bad luck rather than a bug: `writing(target)` turns it
-into one line naming what was being written.
+into one line naming what was being written; `run_cli` says the same of stdout, and stops quietly
+(exit 141) when stdout's reader went away.
 """
 import errno
+import os
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ class UserError(Exception):
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_BROKEN_PIPE = 128 + 13                    # what a shell reports for a tool stopped by SIGPIPE
 
 
 def one_line(message: str) -> str:
@@ -58,6 +61,11 @@ def run_cli(main, argv=None) -> None:
     debug = "--debug" in argv
     try:
         code = main(argv)
+        sys.stdout.flush()                      # a full disk or a closed pipe on stdout shows here, not at exit
+    except BrokenPipeError:
+        # the reader of stdout went away (`predict.py ... | head -1`): stop quietly, as command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # and nothing fails again at exit
+        sys.exit(EXIT_BROKEN_PIPE)
     except UserError as e:
         if debug:
             raise
@@ -66,10 +74,22 @@ def run_cli(main, argv=None) -> None:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        if debug or not out_of_space(e):
+            _internal_error(e, debug)
+        # files are saved inside writing(), which names them: what is left is stdout (or a temporary file)
+        print(f"error: no space left to write standard output or a temporary file ({e.strerror}); free some space "
+              f"or redirect the output elsewhere", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # the unwritten rest: not again at exit
+        sys.exit(EXIT_USER_ERROR)
     except Exception as e:  # an unexpected failure: still one line, the traceback is behind --debug
-        if debug:
-            raise
-        print(f"error: internal error: {type(e).__name__}: {one_line(e)} (run again with --debug for the traceback)",
-              file=sys.stderr)
-        sys.exit(EXIT_INTERNAL_ERROR)
+        _internal_error(e, debug)
     sys.exit(code or 0)
+
+
+def _internal_error(e: Exception, debug: bool) -> None:
+    if debug:
+        raise e
+    print(f"error: internal error: {type(e).__name__}: {one_line(e)} (run again with --debug for the traceback)",
+          file=sys.stderr)
+    sys.exit(EXIT_INTERNAL_ERROR)

@@ -433,3 +433,22 @@ def test_as_a_process(packages, tmp_path):
     result = run_process([str(fill), "--top-k", "1"], input=f"{SHORT}\n")
     assert result.returncode == 0 and "backend: float16 emulator (1 text in 1 prediction)" in result.stderr
     assert "[MASK] at token 6:" in result.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full (a device that is always full) is Linux's")
+def test_stdout_full_or_closed(packages):
+    """stdout on a full disk: one line, exit 2; stdout's reader gone (`| head -1`): quiet, exit 141."""
+    fill, _ = packages("fill-mask")
+    command = [sys.executable, str(ROOT / "predict.py"), str(fill), SHORT]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, env=env)
+    assert_one_line_error(result.returncode, result.stderr, "no space left to write standard output")
+    assert result.stderr.splitlines()[-1].startswith("error:")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, env=env)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and "error" not in result.stderr and "Traceback" not in result.stderr
