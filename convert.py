@@ -145,9 +145,7 @@ def local_attention_kind(choice: str, config, lengths: list[int]) -> str:
 def check_output(output: Path, checkpoint_dir: Path | None, force: bool) -> None:
     if output.suffix != ".mlpackage":
         raise UserError(f"output must end in .mlpackage: {output}")
-    if checkpoint_dir is not None and output.resolve().is_relative_to(checkpoint_dir.resolve()):
-        raise UserError(f"output {output} is inside the checkpoint folder {checkpoint_dir}; write it elsewhere")
-    check_output_path(str(output), force, folder=True)
+    check_output_path(str(output), force, inside=[checkpoint_dir], folder=True)
 
 
 class Progress:

@@ -511,7 +511,7 @@ CASES = [
     convert("tokenizer-not-utf8", at("ckpt_tokenizer_latin1"), NOT_UTF8_TOKENIZER),
     convert("tokenizer-missing", at("ckpt"), ("no such tokenizer folder", "--tokenizer"), "--tokenizer", missing),
     Case("convert-output-inside-checkpoint", "convert",
-         lambda i, d: [i.ckpt, *CONVERT, "-o", i.ckpt / "x.mlpackage"], ("inside the checkpoint folder",)),
+         lambda i, d: [i.ckpt, *CONVERT, "-o", i.ckpt / "x.mlpackage"], ("is inside the input",)),
     convert("existing-output", at("ckpt"), ("exists", "--force"), setup=existing_package),
     convert("existing-output-file", at("ckpt"), ("exists", "--force"), setup=existing_file(out_package)),
     convert("disk-full", at("ckpt"), NO_SPACE, fsize=64 * 1024, fresh=True, late=True),
