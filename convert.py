@@ -27,7 +27,7 @@ from ane_readiness import Readiness
 from checkpoint import DEFAULT_MODEL
 from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, cosine_metrics, distribution_metrics, load_tokenizer,
                         tokenize)
-from mlpackage import (BACKENDS, PROJECT_VERSION, PackageRunner, function_description, package_inputs, package_spec,
+from mlpackage import (BACKENDS, OUTPUT_NAMES, PROJECT_VERSION, PackageRunner, function_description, package_inputs, package_spec,
                        save_spec, write_metadata)
 from model import POOLED_TASKS, TASKS, ModernBert
 from output_files import publish, staging_folder
@@ -35,8 +35,6 @@ from quiet_coremltools import import_coremltools
 from rotations import ROTATION_KINDS, rotate_model
 from user_errors import UserError, run_cli, writing
 
-OUTPUT_NAMES = {"fill-mask": "logits", "encoder": "hidden_states", "classify": "logits", "token-classify": "logits",
-                "embed": "embeddings"}
 OUTPUT_DESCRIPTIONS = {
     "fill-mask": "masked-LM logits over the vocabulary, (1, S, vocab)",
     "encoder": "last hidden states (after the final norm), (1, S, hidden)",

@@ -1,7 +1,7 @@
 """The packages this project writes: their metadata, and running them with Core ML or the emulator.
 
 Knows nothing of ModernBERT's modules, only of what a package of ours declares about itself. Core ML
-prediction exists on macOS only; `run_package` is the one place that chooses between it and the
+prediction exists on macOS only; `PackageRunner` is the one place that chooses between it and the
 float16 emulator (`mlprogram_emulator.py`), so the macOS path stays thin.
 """
 import json
@@ -17,6 +17,9 @@ from user_errors import UserError
 PROJECT_VERSION = "0.1.0"
 METADATA_PREFIX = "modernbert_ane."
 BACKENDS = ("auto", "coreml", "emulate")
+# each task's output, as convert.py names it (and records it in the metadata's "output")
+OUTPUT_NAMES = {"fill-mask": "logits", "encoder": "hidden_states", "classify": "logits", "token-classify": "logits",
+                "embed": "embeddings"}
 
 
 class PackageError(UserError):

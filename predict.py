@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from evaluation import load_tokenizer
-from mlpackage import BACKENDS, PackageError, PackageRunner, input_lengths, package_inputs, read_metadata
+from mlpackage import (BACKENDS, OUTPUT_NAMES, PackageError, PackageRunner, input_lengths, package_inputs,
+                       read_metadata)
 from model import POOLED_TASKS, TASKS
 from user_errors import UserError, run_cli
 
-DEFAULT_OUTPUTS = {"fill-mask": "logits", "encoder": "hidden_states", "classify": "logits",
-                   "token-classify": "logits", "embed": "embeddings"}
 SHOW_VALUES = 8                                    # embedding values shown (all of them with --json)
 SHOW_TOKENS = 16                                   # encoder tokens whose norm is shown (all with --json)
 
@@ -175,7 +174,7 @@ def pack_groups(sizes: list[int], limit: int, max_texts: int) -> list[list[int]]
 def run_all(runner, meta: dict, seqs: list[list[int]], lengths: list[int], pad_id: int, max_texts):
     """(per text {'rows': its output, (tokens, X) or pooled (X,); 'length': its prediction's length},
     number of predictions run)."""
-    task, name = meta["task"], meta.get("output") or DEFAULT_OUTPUTS[meta["task"]]
+    task, name = meta["task"], meta.get("output") or OUTPUT_NAMES[meta["task"]]
     results = [None] * len(seqs)
     groups = pack_groups([len(s) for s in seqs], lengths[-1], max_texts)
     for group in groups:
