@@ -27,8 +27,8 @@ from ane_readiness import Readiness
 from checkpoint import DEFAULT_MODEL
 from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, cosine_metrics, distribution_metrics, load_tokenizer,
                         tokenize)
-from mlpackage import (BACKENDS, OUTPUT_NAMES, PROJECT_VERSION, PackageRunner, function_description, package_inputs, package_spec,
-                       save_spec, write_metadata)
+from mlpackage import (BACKENDS, OUTPUT_NAMES, PROJECT_VERSION, PackageRunner, function_description, package_inputs,
+                       package_spec, save_spec, write_metadata)
 from model import POOLED_TASKS, TASKS, ModernBert
 from output_files import publish, staging_folder
 from quiet_coremltools import import_coremltools
