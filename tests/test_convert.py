@@ -1,5 +1,8 @@
 """convert.py: packages that compute what transformers computes, checked on the float16 emulator."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from user_errors import run_cli
 
 WINDOW = CONFIGS["tiny"]["local_attention"]          # 16: a token sees neighbours within 8
 SHORT, LONG = 12, 48                                  # below the window, and 3x the window
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_convert(argv, capsys=None):
@@ -119,11 +123,18 @@ def test_other_configs_convert(packages, checkpoint_factory, config):
     assert distribution_metrics(ref[0], ours[0])["top1_agreement"] >= 0.99
 
 
-def test_same_options_give_the_same_bytes(checkpoint_factory, tmp_path):
+@pytest.mark.parametrize("options", [[], ["--seq-len", SHORT, LONG, "--task", "fill-mask", "encoder",
+                                             "--compress", "palettize6"]], ids=["plain", "multi-compressed"])
+def test_same_options_give_the_same_bytes(checkpoint_factory, tmp_path, options):
+    """In this process and in another one with another hash seed (set and dict orders differ there)."""
     folder = checkpoint_factory("tiny")
+    options = options or ["--seq-len", SHORT]
     a, b = tmp_path / "a.mlpackage", tmp_path / "b.mlpackage"
-    for out in (a, b):
-        assert run_convert([folder, "--seq-len", SHORT, "-o", out, "--skip-check"])[0] == 0
+    assert run_convert([folder, *options, "-o", a, "--skip-check"])[0] == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "12345"}
+    result = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(folder), *map(str, options), "-o", str(b),
+                             "--skip-check"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     for rel in files_a:
