@@ -215,15 +215,19 @@ EMBEDDING_GAIN_LIMIT = 50.0     # above this embedding-norm weight, int8 token e
 def kmeans_palette(weight: np.ndarray, nbits: int, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
     """A 2**nbits-entry palette for `weight` by 1-D k-means and each value's index into it. Lloyd's
     iterations on the sorted values, started at evenly spaced quantiles: deterministic, no random restarts
-    (coremltools' own k-means needs scikit-learn)."""
+    (coremltools' own k-means needs scikit-learn). In 1-D each cluster is a run of the sorted values, so an
+    iteration finds the runs' ends (k binary searches) and their sums from one cumulative sum: O(k log n),
+    not O(n); a base-size model palettizes ~5,800 groups of 24-37k values."""
     values = np.asarray(weight, dtype=np.float64).reshape(-1)
     ordered = np.sort(values)
+    cumulative = np.concatenate([[0.0], np.cumsum(ordered)])
     k = 1 << nbits
     centres = np.quantile(ordered, (np.arange(k) + 0.5) / k)
     for _ in range(iterations):
-        cluster = np.searchsorted((centres[1:] + centres[:-1]) / 2, ordered)  # nearest centre: 1-D, sorted
-        counts = np.bincount(cluster, minlength=k)
-        sums = np.bincount(cluster, weights=ordered, minlength=k)
+        # a value belongs to the nearest centre: cluster j holds the values in (mid[j-1], mid[j]]
+        ends = np.concatenate([[0], np.searchsorted(ordered, (centres[1:] + centres[:-1]) / 2, side="right"),
+                               [len(ordered)]])
+        counts, sums = np.diff(ends), cumulative[ends[1:]] - cumulative[ends[:-1]]
         updated = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), centres))
         if np.array_equal(updated, centres):
             break
