@@ -195,7 +195,21 @@ def trace(model: ModernBert, length: int):
         return torch.jit.trace(TraceWrapper(model).eval(), example, check_trace=False)
 
 
-def to_mlprogram(traced, task: str, lengths: list[int], target: str):
+DROPPED_PASSES = ["common::reduce_transposes"]
+
+
+def conversion_passes():
+    """coremltools' default MIL passes less `reduce_transposes`: model.py emits no transposes it could fold
+    (tests/test_convert.py::test_dropped_passes_would_change_nothing), and on a base-size graph (~12,000
+    ops) it spends 13 s of a 58 s conversion finding that out."""
+    ct = import_coremltools()
+    passes = ct.PassPipeline.DEFAULT                                   # a new pipeline on each access
+    passes.remove_passes(DROPPED_PASSES)
+    return passes
+
+
+def to_mlprogram(traced, task: str, lengths: list[int], target: str, passes=None):
+    """The ML Program of a traced model (float16), with `passes` (default: conversion_passes())."""
     ct = import_coremltools()
     if len(lengths) == 1:
         shape = (1, lengths[0])
@@ -206,7 +220,8 @@ def to_mlprogram(traced, task: str, lengths: list[int], target: str):
     return ct.convert(traced, inputs=inputs, outputs=[ct.TensorType(name=OUTPUT_NAMES[task])],
                       convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
                       minimum_deployment_target=getattr(ct.target, TARGETS[target][0]),
-                      compute_units=ct.ComputeUnit.CPU_AND_NE, skip_model_load=True)
+                      compute_units=ct.ComputeUnit.CPU_AND_NE, skip_model_load=True,
+                      pass_pipeline=passes or conversion_passes())
 
 
 EMBEDDING_GAIN_LIMIT = 50.0     # above this embedding-norm weight, int8 token embeddings lose the outlier tokens

@@ -284,9 +284,9 @@ class Attention(nn.Module):
             sl = slice(h * self.head_dim, (h + 1) * self.head_dim)
             scores = qb[:, sl].permute(0, 2, 3, 1) @ kb[:, sl].permute(0, 2, 1, 3)   # (B, nb, b, 3b)
             w = (scores + mask_bias).softmax(dim=3)
-            out = w @ vb[:, sl].permute(0, 2, 3, 1)                            # (B, nb, b, D)
-            outs.append(out.permute(0, 3, 1, 2))                               # (B, D, nb, b)
-        return torch.cat(outs, dim=1).reshape(B, C, 1, S)                      # (B, C, 1, S)
+            outs.append(w @ vb[:, sl].permute(0, 2, 3, 1))                     # (B, nb, b, D)
+        # op count: the heads joined first, then one transpose for the layer, not one per head
+        return torch.cat(outs, dim=3).permute(0, 3, 1, 2).reshape(B, C, 1, S)  # (B, nb, b, C) -> (B, C, 1, S)
 
 
 def neighbour_blocks(x, b: int):

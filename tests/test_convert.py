@@ -1,4 +1,5 @@
 """convert.py: packages that compute what transformers computes, checked on the float16 emulator."""
+import collections
 import json
 import os
 import subprocess
@@ -235,6 +236,41 @@ def test_int8_compression(packages, checkpoint_factory, outliers):
     ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[7]], LONG, fixed_length=True)
     ours, ref = emulate(int8, ids, mask), transformers_logits(folder, ids, mask)
     assert distribution_metrics(ref[0], ours[0])["top1_agreement"] >= 0.98
+
+
+def program_summary(mlmodel) -> collections.Counter:
+    """Op types, and each transpose's permutation (negative axes made positive), with their counts."""
+    summary = collections.Counter()
+    for op in mlmodel._mil_program.functions["main"].operations:
+        summary[op.op_type] += 1
+        if op.op_type == "transpose":
+            rank = len(op.x.shape)
+            summary[("transpose", tuple(int(p) % rank for p in op.perm.val))] += 1
+    return summary
+
+
+@pytest.mark.parametrize("config, task, lengths, options", [
+    ("tiny", "fill-mask", [16, LONG], {}),                     # two lengths, blockwise local layers
+    ("tiny", "fill-mask", [SHORT], {}),                        # masked local layers
+    ("biased", "classify", [LONG], {"max_texts": 4, "query_chunk": 16}),     # packing, chunked global queries
+    ("odd", "token-classify", [LONG], {}),
+], ids=["fill-mask-two-lengths-blockwise", "fill-mask-masked", "classify-packed-chunked", "odd-token-classify"])
+def test_dropped_passes_would_change_nothing(checkpoint_factory, config, task, lengths, options):
+    """convert.DROPPED_PASSES are left out for speed only: with them the program would be the same."""
+    from rotations import rotate_model
+    from model import ModernBert
+    model, _ = ModernBert.from_pretrained(str(checkpoint_factory(config, task)),
+                                          max_texts=options.get("max_texts", 1))
+    rotate_model(model, "hadamard", 0)
+    if options.get("query_chunk"):
+        model.set_query_chunk(options["query_chunk"])
+    model.set_local_attention(convert.local_attention_kind("auto", model.config, lengths))
+    traced = convert.trace(model, lengths[-1])
+    ct = convert.import_coremltools()
+    ours = convert.to_mlprogram(traced, model.task, lengths, "macOS15")
+    default = convert.to_mlprogram(traced, model.task, lengths, "macOS15", passes=ct.PassPipeline.DEFAULT)
+    assert set(convert.DROPPED_PASSES) <= set(ct.PassPipeline.DEFAULT.passes)
+    assert program_summary(ours) == program_summary(default)
 
 
 def test_kmeans_palette_is_nearest_and_exact_on_few_values():
