@@ -1,13 +1,17 @@
 """model.py against transformers' ModernBERT, and checkpoint loading through the user's code path."""
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoint import CheckpointError, resolve_checkpoint
-from checkpoints import CONFIGS, TASK_CLASSES, build_sentence_transformers, build_tokenizer
+from checkpoints import CONFIGS, TASK_CLASSES, _trained_tokenizer_json, build_sentence_transformers, build_tokenizer
 from evaluation import EVAL_TEXTS, reference_model, sentence_embeddings, tokenize
 from model import MASK_FILL, ModernBert, ModernBertConfig, default_task
 
@@ -330,3 +334,15 @@ def test_pickle_with_code_is_refused(checkpoint_factory, tmp_path):
     with pytest.raises(CheckpointError, match="a pickle holding more than tensors"):
         ModernBert.from_pretrained(str(folder), allow_pickle=True)
     assert not marker.exists()
+
+
+def test_test_tokenizer_is_the_same_in_every_process():
+    """The test checkpoints' vocabulary (and so every test model) does not depend on the process: tokenizers'
+    own trainer gave each process another one (hash-map order), which made thresholds flicker."""
+    tests = Path(__file__).resolve().parent
+    code = "import sys; sys.path[:0] = sys.argv[1:]; from checkpoints import _trained_tokenizer_json as t; print(t())"
+    env = {**os.environ, "PYTHONHASHSEED": "4321"}
+    other = subprocess.run([sys.executable, "-c", code, str(tests), str(tests.parent)], capture_output=True,
+                           text=True, env=env, check=True).stdout.strip()
+    assert other == _trained_tokenizer_json()
+    assert len(json.loads(other)["model"]["vocab"]) == 600
