@@ -104,6 +104,11 @@ def function_name(task: str) -> str:
     return task.replace("-", "_")
 
 
+def package_function(task: str, n_tasks: int) -> str | None:
+    """The function to address a task by in a package of `n_tasks` tasks: None (the only one) for one task."""
+    return function_name(task) if n_tasks > 1 else None
+
+
 def validate(args) -> list[int]:
     lengths = sorted(set(args.seq_len))
     target, recent = args.deployment_target, TARGETS[args.deployment_target][1]
@@ -336,7 +341,7 @@ def describe_package(package: Path, models: dict, metadata: dict, ckpt, args, le
     spec.description.metadata.versionString = PROJECT_VERSION
     write_metadata(spec, metadata)
     for task, model in models.items():
-        function = function_description(spec, function_name(task) if len(models) > 1 else None, package)
+        function = function_description(spec, package_function(task, len(models)), package)
         for feature in function.input:
             feature.shortDescription = (MASK_DESCRIPTION[model.max_texts > 1] if feature.name == "attention_mask"
                                         else "token ids from the model's tokenizer ([CLS] ... [SEP], then [PAD]), int32")
@@ -510,7 +515,7 @@ def main(argv) -> int:
             steps.start("checking the package against the float32 model")
             for task, model in models.items():
                 backend, lines = check_package(package, model, tokenizer, lengths, args.check_backend, readiness,
-                                               function_name(task) if n_tasks > 1 else None)
+                                               package_function(task, n_tasks))
                 where = f"{task}, " if n_tasks > 1 else ""
                 check_lines += [f"correctness check ({where}{'Core ML' if backend == 'coreml' else 'emulator'}):"]
                 check_lines += [f"  {line}" for line in lines]

@@ -107,6 +107,11 @@ class OverflowWatch:
         return peaks
 
 
+def conv_weight_names(runner: PackageRunner) -> dict[str, str]:
+    """conv op name -> the name of the weight constant it reads, for OverflowWatch (emulator only)."""
+    return {op: read["weight"][0] for op, read in runner.op_inputs().items() if read.get("weight")}
+
+
 def weight_group(weight_name: str) -> str:
     """"embeddings", "layers.i" or "head" for a weight constant named after its module by the converter."""
     layer = re.search(r"(?:^|_)layers_(\d+)_", weight_name)
@@ -172,8 +177,7 @@ def main(argv) -> int:
     backend_name = "Core ML (CPU and Neural Engine)" if runner.backend == "coreml" else "the float16 emulator"
     print(f"running {args.package} with {backend_name}", file=sys.stderr)   # the input read: no more bad-input errors
     output_name = meta.get("output", "logits")
-    conv_weights = {op: read["weight"][0] for op, read in runner.op_inputs().items() if read.get("weight")}
-    watch = OverflowWatch(conv_weights) if runner.backend == "emulate" else None
+    watch = OverflowWatch(conv_weight_names(runner)) if runner.backend == "emulate" else None
     refs, outs, masks, rows = [], [], [], []
     unrotated = ModernBert.from_checkpoint(ckpt, task) if args.report else None      # "before rotation"
     before, disagreement = ActivationProbe(), []

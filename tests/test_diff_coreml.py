@@ -90,7 +90,7 @@ def test_package_ops_are_grouped_per_layer():
 def test_package_ops_are_grouped_per_layer_in_a_real_package(package):
     """Every layer of the converted package gets its ops (the weights' names are the converter's)."""
     runner = PackageRunner(package, "emulate")
-    conv_weights = {op: read["weight"][0] for op, read in runner.op_inputs().items() if read.get("weight")}
+    conv_weights = diff_coreml.conv_weight_names(runner)
     watch = diff_coreml.OverflowWatch(conv_weights)
     ids = np.full((1, input_lengths(package)[0]), 5, dtype=np.int32)
     runner.predict({"input_ids": ids, "attention_mask": np.ones_like(ids)}, observe=watch.observe)
