@@ -2,9 +2,9 @@
 
     python bench/bench_compression.py [--checkpoints test test-outliers base] [--seq-len 128] [--work DIR]
 
-Builds the random checkpoints of tests/checkpoints.py ("base": ModernBERT-base's dimensions and
-vocabulary, 22 layers; like the test checkpoints its fill-mask head is made confident so top-1 is not a
-near-tie), converts each with convert.py --compress MODE (Hadamard rotation, --skip-check) and runs
+Builds the checkpoints of tests/checkpoints.py (random ones: "test", with planted outliers by either
+mechanism, and "base": ModernBERT-base's dimensions and vocabulary, 22 layers, its fill-mask head made
+confident so top-1 is not a near-tie; and the bundled trained "reference", plain and with MLP outliers), converts each with convert.py --compress MODE (default float16 strategy, --skip-check) and runs
 diff_coreml.py on the float16 emulator against float32 transformers. Prints a Markdown table for the README.
 """
 import argparse
@@ -21,7 +21,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 CHECKPOINTS = {
     "test": dict(config="tiny"),
-    "test-outliers": dict(config="tiny", outliers=True),
+    "test-outliers": dict(config="tiny", outliers="embedding"),
+    "test-mlp-outliers": dict(config="tiny", outliers="mlp"),
+    "reference": dict(reference="fill-mask"),
+    "reference-mlp-outliers": dict(reference="fill-mask", outliers="mlp"),
     "base": dict(config="base"),
 }
 MODES = ("none", "int8", "palettize8", "palettize6", "palettize4")
@@ -41,7 +44,7 @@ def weights_mib(package: Path) -> float:
 
 
 def main() -> None:
-    from checkpoints import build_checkpoint
+    from checkpoints import build_checkpoint, build_reference
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoints", nargs="+", choices=CHECKPOINTS, default=list(CHECKPOINTS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -56,7 +59,11 @@ def main() -> None:
         folder = work / name
         if not (folder / "config.json").exists():
             print(f"building {name} in {folder} ...", file=sys.stderr)
-            build_checkpoint(folder, **CHECKPOINTS[name])
+            build = dict(CHECKPOINTS[name])
+            if "reference" in build:
+                build_reference(folder, build.pop("reference"), **build)
+            else:
+                build_checkpoint(folder, **build)
         float16 = None
         for mode in args.modes:
             package, report = work / f"{name}-{mode}.mlpackage", work / f"{name}-{mode}.json"

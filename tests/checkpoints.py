@@ -195,10 +195,16 @@ def build_sentence_transformers(folder, config: str = "tiny", pooling: str = "me
                                 normalize: bool = True, seed: int = 0):
     """Save a sentence-transformers folder the way modernbert-embed / gte-modernbert are laid out:
     the transformer at the root, then 1_Pooling, optionally 2_Dense (Tanh) and 3_Normalize."""
-    from safetensors.torch import save_file
     folder = Path(folder)
     build_checkpoint(folder, config, "encoder", seed)
-    hidden = CONFIGS[config]["hidden_size"]
+    write_sentence_transformers_modules(folder, CONFIGS[config]["hidden_size"], pooling, dense_out, normalize, seed)
+    return folder
+
+
+def write_sentence_transformers_modules(folder: Path, hidden: int, pooling: str = "mean",
+                                        dense_out: int | None = None, normalize: bool = True, seed: int = 0) -> None:
+    """modules.json, 1_Pooling, optionally 2_Dense (Tanh, random) and Normalize around the encoder in `folder`."""
+    from safetensors.torch import save_file
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     (folder / "1_Pooling").mkdir()
@@ -221,4 +227,46 @@ def build_sentence_transformers(folder, config: str = "tiny", pooling: str = "me
                         "type": "sentence_transformers.models.Normalize"})
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
-    return folder
+
+
+# The bundled trained reference (bench/train_reference.py) and its fine-tuned heads (bench/finetune_reference.py)
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
+REFERENCE_HEADS = Path(__file__).resolve().parent / "data" / "reference-heads"
+
+
+def build_reference(folder, task: str = "fill-mask", outliers: str | None = None):
+    """Save the trained reference as a checkpoint of `task` into `folder` (created): the pre-trained masked LM,
+    its encoder with a fine-tuned head (`classify`, `token-classify`), or a sentence-transformers folder
+    (`embed`: mean pooling + Normalize around the encoder). `outliers` plants massive activations
+    ("embedding": through the embedding norm), which a short CPU pre-training does not grow.
+    Returns the transformers model."""
+    import transformers
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(REFERENCE))
+    mlm = transformers.ModernBertForMaskedLM.from_pretrained(str(REFERENCE), dtype=torch.float32).eval()
+    if task == "fill-mask":
+        model = mlm
+    else:
+        heads = json.loads((REFERENCE_HEADS / "heads.json").read_text())
+        labels = heads[task]["labels"] if task in heads else ["LABEL_0", "LABEL_1"]
+        config = transformers.ModernBertConfig(**{**mlm.config.to_dict(), "architectures": None,
+                                                  "id2label": dict(enumerate(labels)),
+                                                  "label2id": {label: i for i, label in enumerate(labels)}})
+        model = getattr(transformers, TASK_CLASSES["encoder" if task == "embed" else task])(config).eval()
+        base = model if task == "embed" else model.model
+        base.load_state_dict(mlm.model.state_dict())
+        if task in heads:
+            missing, unexpected = model.load_state_dict(load_file(str(REFERENCE_HEADS / f"{task}.safetensors")),
+                                                        strict=False)
+            assert not unexpected and all(k.startswith("model.") for k in missing), (missing, unexpected)
+    if outliers == "embedding":
+        plant_outliers(model, cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)
+    elif outliers is not None:
+        raise ValueError(f"unknown outlier mechanism {outliers!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if task == "embed":
+        write_sentence_transformers_modules(folder, model.config.hidden_size, "mean", None, True)
+    return model

@@ -1,0 +1,128 @@
+"""The bundled trained reference (tests/data/reference, bench/train_reference.py) through the whole pipeline.
+
+Trained weights give sharp distributions, so top-1 agreement here means something (the random test
+checkpoints need an identity-like head for that); the released byte-level BPE tokenizer exercises what the
+WordPiece test tokenizer cannot (leading-space pieces, [MASK] with lstrip). Outliers are planted on the
+trained weights too, by both mechanisms, since a short CPU pre-training does not grow them.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import convert
+import diff_coreml
+import predict
+from checkpoints import REFERENCE, REFERENCE_HEADS, build_reference
+from evaluation import load_tokenizer, tokenize
+from user_errors import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def run(main, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, [str(a) for a in argv])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    """packages(task, outliers=None) -> (checkpoint folder, package converted with the defaults), built once."""
+    built = {}
+
+    def make(task="fill-mask", outliers=None):
+        key = (task, outliers)
+        if key not in built:
+            folder = tmp_path_factory.mktemp("reference")
+            if task == "fill-mask" and outliers is None:
+                ckpt = REFERENCE                                  # the bundled folder itself, read only
+            else:
+                ckpt = folder / "ckpt"
+                build_reference(ckpt, task, outliers)
+            package = folder / f"{task}.mlpackage"
+            with pytest.raises(SystemExit) as e:
+                run_cli(convert.main, [str(ckpt), "--task", task, "--seq-len", "128", "256", "-o", str(package)])
+            assert e.value.code == 0
+            built[key] = ckpt, package
+        return built[key]
+
+    return make
+
+
+def metrics(package, tmp_path, capsys, *extra) -> dict:
+    path = tmp_path / "m.json"
+    code, _, err = run(diff_coreml.main, [package, "--backend", "emulate", "--pessimistic", "--json", path,
+                                          "--force", *extra], capsys)
+    assert code == 0, err
+    return json.loads(path.read_text())
+
+
+def test_reference_predicts_masked_code_far_better_than_word_frequencies():
+    """Held-out standard-library text: top-1 at least twice a unigram guess fitted on the held-out text itself."""
+    import torch
+    from train_reference import chunk, corpus_files, load_tokenizer as reference_tokenizer, masked_accuracy, \
+        token_stream, unigram_baseline
+    import transformers
+    tokenizer = reference_tokenizer()
+    special = torch.tensor(tokenizer.all_special_ids)
+    stream, _ = token_stream(tokenizer, corpus_files(), held_out=True)
+    held = chunk(stream, 256, tokenizer.cls_token_id, tokenizer.sep_token_id)[:48]
+    model = transformers.ModernBertForMaskedLM.from_pretrained(str(REFERENCE), dtype=torch.float32).eval()
+    ours = masked_accuracy(model, held, tokenizer, special, seed=0)
+    unigram = unigram_baseline(stream, held, tokenizer, special, seed=0)      # frequencies of the held-out text
+    assert ours["tokens"] > 1000
+    assert ours["top1"] > 2 * unigram["top1"] and ours["top5"] > 1.5 * unigram["top5"]
+
+
+def test_recorded_quality_of_the_bundled_models():
+    """What the training scripts measured, as committed: the README quotes these files."""
+    training = json.loads((REFERENCE / "training.json").read_text())["quality"]
+    assert training["held_out"]["top1"] > 3 * training["unigram"]["top1"]
+    heads = json.loads((REFERENCE_HEADS / "heads.json").read_text())
+    for task in ("classify", "token-classify"):
+        assert heads[task]["held_out_accuracy"] > heads[task]["majority_baseline"] + 0.3
+
+
+def test_byte_level_bpe_tokenization():
+    """Leading-space pieces, and [MASK] that swallows the space before it (lstrip), as the released tokenizer does."""
+    tokenizer = load_tokenizer(REFERENCE, tasks=("fill-mask",))
+    ids, mask = tokenize(tokenizer, ["The capital of France is [MASK].", "for i in [MASK](n):"], 32)
+    first = tokenizer.convert_ids_to_tokens(ids[0][mask[0] == 1])
+    assert first == ["[CLS]", "The", "Ġcapital", "Ġof", "ĠFrance", "Ġis", "[MASK]", ".", "[SEP]"]
+    second = tokenizer.convert_ids_to_tokens(ids[1][mask[1] == 1])
+    assert second[:5] == ["[CLS]", "for", "Ġi", "Ġin", "[MASK]"] and "Ġ" not in second
+    assert int(ids[0][0]) == 50281 and tokenizer.mask_token_id == 50284 and tokenizer.pad_token_id == 50283
+
+
+@pytest.mark.parametrize("outliers", [None, "embedding", "mlp"])
+def test_fill_mask_package_agrees_with_transformers(packages, outliers, tmp_path, capsys):
+    _, package = packages("fill-mask", outliers)
+    m = metrics(package, tmp_path, capsys)
+    assert m["nonfinite"] == 0 and m["overflow_count"] == 0
+    assert m["top1_agreement"] >= 0.99
+    assert m["kl_mean"] <= 1e-4
+
+
+@pytest.mark.parametrize("task", ["classify", "token-classify", "embed"])
+def test_fine_tuned_heads_agree_with_transformers(packages, task, tmp_path, capsys):
+    _, package = packages(task)
+    m = metrics(package, tmp_path, capsys)
+    assert m["nonfinite"] == 0
+    if task == "embed":
+        assert m["cosine_min"] >= 0.999
+    else:
+        assert m["top1_agreement"] == 1.0 and m["kl_mean"] <= 1e-4
+
+
+def test_predict_fills_code_with_words_not_byte_pieces(packages, capsys):
+    _, package = packages("fill-mask")
+    code, out, err = run(predict.main, [package, "for i in [MASK](len(items)):", "--top-k", "5", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    tokens = [c["token"] for c in doc["results"][0]["masks"][0]["predictions"]]
+    assert not any("Ġ" in t for t in tokens)
+    assert " range" in tokens
