@@ -205,7 +205,7 @@ def train(args) -> None:
 
     meta = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "mask_rate", "seed", "threads")}
     meta["corpus_sha256"] = corpus_hash
-    meta["torch"] = torch.__version__
+    meta["torch"] = str(torch.__version__)            # a TorchVersion would not load with weights_only
     model = build_model(args.seed).to(args.device)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]
