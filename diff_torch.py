@@ -81,9 +81,10 @@ def run_model(model: ModernBert, input_ids, attention_mask, dtype, probe: Activa
 BATCH_BYTES = 256 * 2**20
 
 
-def text_batches(lengths: list[int], row_bytes: int, budget: int = BATCH_BYTES) -> list[list[int]]:
+def text_batches(lengths: list[int], row_bytes: int, budget: int | None = None) -> list[list[int]]:
     """Consecutive texts (their token counts) grouped so that a padded batch of them holds at most `budget`
-    bytes at `row_bytes` a token; a text alone always runs."""
+    (default BATCH_BYTES) bytes at `row_bytes` a token; a text alone always runs."""
+    budget = BATCH_BYTES if budget is None else budget
     batches = []
     for i, n in enumerate(lengths):
         if batches and (len(batches[-1]) + 1) * max(n, *(lengths[j] for j in batches[-1])) * row_bytes <= budget:
@@ -159,6 +160,12 @@ def write_torch_report(args, argv, ckpt, model, metrics, probe, before, accounti
                  output_measure=accounting.measure, gates=gates, force=args.force)
 
 
+def rows_of(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """The non-padding rows of one text (S, W): a view when they come first (no copy of 0.3 GB of logits)."""
+    n = int(valid.sum())
+    return x[:n] if valid[:n].all() else x[valid]
+
+
 def compare_batch(model, transformers_model, unrotated, ckpt, ids, mask, dtype, probe, before, accounting, first):
     """Run one batch of texts (numbered from `first`) through both models; returns (module rows, reference
     peaks per layer) and adds each text to `accounting`."""
@@ -175,8 +182,8 @@ def compare_batch(model, transformers_model, unrotated, ckpt, ids, mask, dtype, 
             accounting.add(first + b, ids[b][valid].numpy(), peaks[b][valid], ref["output"][b:b + 1],
                            ours["output"][b:b + 1], **encoder)
         else:
-            accounting.add(first + b, ids[b][valid].numpy(), peaks[b][valid], ref["output"][b][valid],
-                           ours["output"][b][valid])
+            accounting.add(first + b, ids[b][valid].numpy(), peaks[b][valid], rows_of(ref["output"][b], valid),
+                           rows_of(ours["output"][b], valid))
     layer_peaks = {k: float(np.abs(v[m]).max()) for k, v in ref.items() if k == "embeddings" or k.startswith("layers.")}
     return module_rows(model, ref, ours, mask.numpy()), layer_peaks
 
