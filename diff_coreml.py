@@ -5,8 +5,9 @@
 
 Each text is padded to the smallest length the package accepts (longer ones are truncated to the
 largest) and run through Core ML on the Neural Engine (macOS) or the float16 emulator (elsewhere).
-Reports the same metrics and JSON keys as diff_torch.py. --report DIR writes a page with plots
-(report.py): the package's largest value per layer against model.py unrotated, and KL per token.
+Reports the same metrics and JSON keys as diff_torch.py (per token for the per-token tasks; a package's
+pooled output has one row per text). --report DIR writes a page with plots (report.py): the package's
+largest value per layer against model.py unrotated, and KL per token, one panel per text.
 """
 import argparse
 import re

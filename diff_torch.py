@@ -5,8 +5,10 @@
 
 Prints a per-module table (embeddings, a global block, a local block, the encoder, the head output),
 the largest absolute activation per layer (transformers' vs this model's residual stream, which is
-rotated unless --rotation none) and the final metrics; --json writes the metrics, --report DIR a page
-with plots (report.py), for which the unrotated model runs too.
+rotated unless --rotation none), the final metrics and the per-token accounting (delimiter vs ordinary
+tokens, the worst token); --json writes them, --report DIR a page with plots (report.py), for which the
+unrotated model runs too. Texts run in bounded batches (BATCH_BYTES) and only per-token statistics are
+kept, so a 256k-vocabulary model fits in memory. --max-kl / --max-score-error: exit 1 above them.
 """
 import argparse
 import copy
