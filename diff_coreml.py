@@ -21,7 +21,7 @@ import torch
 from checkpoint import CheckpointError, resolve_checkpoint
 from evaluation import (EVAL_TEXTS, Accounting, check_gates, check_output_path, format_accounting, format_gates,
                         format_metrics, format_table, gate_exit, gate_results, load_tokenizer, output_measure,
-                        reference_model, reference_outputs, residual_peaks, tokenize, write_json)
+                        reference_model, reference_outputs, residual_peaks, tokenize, valid_rows, write_json)
 from mlpackage import BACKENDS, PackageRunner, input_lengths, read_metadata
 from model import FLOAT16_MAX, MASK_FILL, POOLED_TASKS, ActivationProbe, ModernBert, ModernBertConfig
 from report import check_report_folder, write_report
@@ -178,8 +178,7 @@ def main(argv) -> int:
             raise
         raise CheckpointError(f"{e} (the checkpoint {args.package} was converted from, by its metadata); "
                               f"pass --model with its folder") from e
-    config = ModernBertConfig.from_dict(ckpt.config)
-    check_model_matches(meta, config, source, args.package)
+    check_model_matches(meta, ModernBertConfig.from_dict(ckpt.config), source, args.package)
     tokenizer = load_tokenizer(args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root)
     ref_model = reference_model(ckpt, task)
     backend_name = "Core ML (CPU and Neural Engine)" if runner.backend == "coreml" else "the float16 emulator"
@@ -200,12 +199,12 @@ def main(argv) -> int:
                               observe=watch.observe if watch else None)[output_name]
         valid = mask.numpy()[0].astype(bool)
         if accounting is None:                       # the package's own width: one-label heads are told by it
-            accounting = Accounting(task, ours.shape[-1], tokenizer, cls_pooled=False)
+            accounting = Accounting(task, ours.shape[-1], tokenizer)
         if task in POOLED_TASKS:                      # one row per text: no per-token output to split
             accounting.add(i + 1, ids[0][valid].numpy(), residual_peaks(ref)[0][valid], ref["output"], ours[:, 0])
         else:
-            accounting.add(i + 1, ids[0][valid].numpy(), residual_peaks(ref)[0][valid], ref["output"][0][valid],
-                           ours[0][valid])
+            accounting.add(i + 1, ids[0][valid].numpy(), residual_peaks(ref)[0][valid],
+                           valid_rows(ref["output"][0], valid), valid_rows(ours[0], valid))
         rows.append({"text": i + 1, "tokens": min(n_tokens, length), "length": length})
         del ref, ours
         if args.report:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from evaluation import (EVAL_TEXTS, Accounting, check_gates, check_output_path, compare_rows, format_accounting,
-                        format_gates, format_metrics, format_table, gate_exit, gate_results, load_tokenizer, merge_compare_rows,
-                        output_measure, overflow_metrics, reference_model, reference_outputs, residual_peaks,
-                        tokenize, write_json)
+                        format_gates, format_metrics, format_table, gate_exit, gate_results, load_tokenizer,
+                        merge_compare_rows, output_measure, overflow_metrics, reference_model, reference_outputs,
+                        residual_peaks, tokenize, valid_rows, write_json)
 from checkpoint import DEFAULT_MODEL
 from model import POOLED_TASKS, TASKS, ActivationProbe, ModernBert
 from report import check_report_folder, write_report
@@ -139,7 +139,8 @@ def layer_rows(model: ModernBert, ref_peaks: dict, probe: ActivationProbe) -> li
              "max_abs": probe.max_abs.get("embeddings", float("nan"))}]
     for i, kind in enumerate(model.config.layer_types):
         rows.append({"layer": i, "kind": "global" if kind == "full_attention" else "local",
-                     "max_abs_ref": ref_peaks[f"layers.{i}"], "max_abs": probe.max_abs.get(f"layers.{i}", float("nan"))})
+                     "max_abs_ref": ref_peaks[f"layers.{i}"],
+                     "max_abs": probe.max_abs.get(f"layers.{i}", float("nan"))})
     return rows
 
 
@@ -162,12 +163,6 @@ def write_torch_report(args, argv, ckpt, model, metrics, probe, before, accounti
                  output_measure=accounting.measure, gates=gates, force=args.force)
 
 
-def rows_of(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """The non-padding rows of one text (S, W): a view when they come first (no copy of 0.3 GB of logits)."""
-    n = int(valid.sum())
-    return x[:n] if valid[:n].all() else x[valid]
-
-
 def compare_batch(model, transformers_model, unrotated, ckpt, ids, mask, dtype, probe, before, accounting, first):
     """Run one batch of texts (numbered from `first`) through both models; returns (module rows, reference
     peaks per layer) and adds each text to `accounting`."""
@@ -184,8 +179,8 @@ def compare_batch(model, transformers_model, unrotated, ckpt, ids, mask, dtype, 
             accounting.add(first + b, ids[b][valid].numpy(), peaks[b][valid], ref["output"][b:b + 1],
                            ours["output"][b:b + 1], **encoder)
         else:
-            accounting.add(first + b, ids[b][valid].numpy(), peaks[b][valid], rows_of(ref["output"][b], valid),
-                           rows_of(ours["output"][b], valid))
+            accounting.add(first + b, ids[b][valid].numpy(), peaks[b][valid], valid_rows(ref["output"][b], valid),
+                           valid_rows(ours["output"][b], valid))
     layer_peaks = {k: float(np.abs(v[m]).max()) for k, v in ref.items() if k == "embeddings" or k.startswith("layers.")}
     return module_rows(model, ref, ours, mask.numpy()), layer_peaks
 

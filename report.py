@@ -384,8 +384,8 @@ def texts_html(texts: list[dict], measure: str) -> list[str]:
                                            "w" if j == w else "") if c)
             spans.append(f'<span class="{classes}" title="{j}: {esc(short)} {float(value):.3g}">{esc(token)}</span>'
                          if classes else f'<span title="{j}: {esc(short)} {float(value):.3g}">{esc(token)}</span>')
-        parts += [f"<h3>text {i + 1} ({len(t['values'])} tokens): worst token “{esc(t['tokens'][w])}” at position {w}, "
-                  f"{esc(short)} {esc(format_value(float(t['values'][w])))}</h3>",
+        parts += [f"<h3>text {i + 1} ({len(t['values'])} tokens): worst token “{esc(t['tokens'][w])}” at position "
+                  f"{w}, {esc(short)} {esc(format_value(float(t['values'][w])))}</h3>",
                   f'<p class="tokens">{" ".join(spans)}</p>']
     return parts
 

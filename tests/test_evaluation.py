@@ -86,8 +86,8 @@ def test_pooled_records_per_text_and_the_cls_row():
         enc = rng.normal(size=(5, 8))
         ours_enc = enc + (0.5 if text == 3 else 0.0) * np.eye(5, 8)      # text 3: its [CLS] row is off
         out = rng.normal(size=(1, 3))
-        accounting.add(text, np.array([1, 5, 6, 7, 2]), np.ones(5), out, out + 0.01 * text * np.array([1.0, 0, -1]), enc,
-                       ours_enc)
+        shifted = out + 0.01 * text * np.array([1.0, 0, -1])              # a shift of every logit alike: KL 0
+        accounting.add(text, np.array([1, 5, 6, 7, 2]), np.ones(5), out, shifted, enc, ours_enc)
     m = accounting.metrics()
     assert m["worst_text"]["text"] == 3 and "position" not in m["worst_text"]
     assert m["cls_row"]["worst_text"] == 3 and m["cls_row"]["cosine_min"] < 0.999
@@ -114,3 +114,11 @@ def test_gates_refuse_what_cannot_apply_and_fail_above_the_limit():
 def test_records_reject_an_unknown_measure():
     with pytest.raises(AssertionError):
         TokenRecords("psnr")
+
+
+def test_valid_rows_are_a_view_when_padding_comes_last():
+    x = np.arange(12.0).reshape(4, 3)
+    right = evaluation.valid_rows(x, np.array([1, 1, 1, 0], bool))
+    assert np.shares_memory(right, x) and right.tolist() == x[:3].tolist()
+    left = evaluation.valid_rows(x, np.array([0, 1, 1, 1], bool))
+    assert left.tolist() == x[1:].tolist()
