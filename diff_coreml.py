@@ -5,8 +5,9 @@
 
 Each text is padded to the smallest length the package accepts (longer ones are truncated to the
 largest) and run through Core ML on the Neural Engine (macOS) or the float16 emulator (elsewhere).
-Reports the same metrics and JSON keys as diff_torch.py. --report DIR writes a page with plots
-(report.py): the package's largest value per layer against model.py unrotated, and KL per token.
+Reports the same metrics and JSON keys as diff_torch.py (per token for the per-token tasks; a package's
+pooled output has one row per text). --report DIR writes a page with plots (report.py): the package's
+largest value per layer against model.py unrotated, and KL per token, one panel per text.
 """
 import argparse
 import re
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, resolve_checkpoint
-from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, format_metrics, format_table, load_tokenizer,
-                        output_metrics, reference_model, reference_outputs, text_disagreement, tokenize, write_json)
+from evaluation import (EVAL_TEXTS, Accounting, check_gates, check_output_path, format_accounting, format_gates,
+                        format_metrics, format_table, gate_exit, gate_results, load_tokenizer, output_measure,
+                        reference_model, reference_outputs, residual_peaks, tokenize, valid_rows, write_json)
 from mlpackage import BACKENDS, PackageRunner, input_lengths, read_metadata
 from model import FLOAT16_MAX, MASK_FILL, POOLED_TASKS, ActivationProbe, ModernBert, ModernBertConfig
 from report import check_report_folder, write_report
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "model.py unrotated, KL per token, the metrics")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file or --report folder")
     p.add_argument("--max-kl", type=float, metavar="X", help="exit 1 when kl_mean exceeds X (for CI)")
+    p.add_argument("--max-score-error", type=float, metavar="X",
+                   help="one-label heads (rerankers, regression): exit 1 when a score is off by more than X")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -127,7 +131,7 @@ def check_model_matches(meta: dict, config: ModernBertConfig, source: str, packa
                             f"{meta[key]} in the package")
 
 
-def write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics, disagreement, tokens) -> None:
+def write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics, accounting, tokens, gates) -> None:
     """The --report page: the package's per-op peaks per layer (emulator only) against model.py unrotated."""
     task, rotation = meta["task"], meta.get("rotation") or "none"
     n_layers = ModernBertConfig.from_dict(ckpt.config).num_hidden_layers
@@ -150,8 +154,9 @@ def write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics,
     write_report(args.report, title=f"diff_coreml: {args.package} ({task}, rotation {rotation}), {backend}, "
                                     f"against transformers float32",
                  facts={k: v for k, v in facts.items() if v is not None}, metrics=metrics, peaks=peaks,
-                 n_layers=n_layers, disagreement=disagreement, measure="cosine" if task in COSINE_TASKS else "kl",
-                 pooled=task in POOLED_TASKS, notes=notes, force=args.force)
+                 n_layers=n_layers, texts=accounting.panels(), measure=accounting.tokens.measure,
+                 pooled=task in POOLED_TASKS, output_measure=accounting.measure, gates=gates, notes=notes,
+                 force=args.force)
 
 
 def main(argv) -> int:
@@ -162,6 +167,8 @@ def main(argv) -> int:
     meta = read_metadata(args.package, args.function)
     lengths = input_lengths(args.package, meta["function"])
     task = meta["task"]
+    width = len(meta.get("labels") or []) if task in ("classify", "token-classify") else 0
+    check_gates(output_measure(task, width), args.max_kl, args.max_score_error, f"the {task} output of {args.package}")
     runner = PackageRunner(args.package, args.backend, pessimistic=args.pessimistic, function=meta["function"])
     source = args.model or meta.get("source")
     try:
@@ -178,39 +185,41 @@ def main(argv) -> int:
     print(f"running {args.package} with {backend_name}", file=sys.stderr)   # the input read: no more bad-input errors
     output_name = meta.get("output", "logits")
     watch = OverflowWatch(conv_weight_names(runner)) if runner.backend == "emulate" else None
-    refs, outs, masks, rows = [], [], [], []
     unrotated = ModernBert.from_checkpoint(ckpt, task) if args.report else None      # "before rotation"
-    before, disagreement = ActivationProbe(), []
+    before = ActivationProbe()
+    accounting = None
+    rows = []
     for i, text in enumerate(EVAL_TEXTS):
         n_tokens = len(tokenizer(text)["input_ids"])
         length = next((n for n in lengths if n >= n_tokens), lengths[-1])
         ids, mask = tokenize(tokenizer, [text], length, fixed_length=True)
         print(f"  text {i + 1}/{len(EVAL_TEXTS)}: {min(n_tokens, length)} tokens at length {length}", file=sys.stderr)
-        ref = reference_outputs(ref_model, task, ids, mask, ckpt)["output"]     # (1, S, V) or (1, L) pooled
+        ref = reference_outputs(ref_model, task, ids, mask, ckpt)                # 'output': (1, S, V) or (1, L)
         ours = runner.predict({"input_ids": ids.numpy(), "attention_mask": mask.numpy()},
                               observe=watch.observe if watch else None)[output_name]
-        if task in POOLED_TASKS:
-            ours = ours[:, 0]                                                  # (1, K, L) -> the text's row
-        text_metrics = output_metrics(task, ref, ours, mask.numpy())
-        rows.append({"text": i + 1, "tokens": min(n_tokens, length), "length": length, **text_metrics})
-        pooled = task in POOLED_TASKS
-        refs.append(ref if pooled else ref.reshape(-1, ref.shape[-1]))
-        outs.append(ours if pooled else ours.reshape(-1, ours.shape[-1]))
-        masks.append(np.ones(1) if pooled else mask.numpy().reshape(-1))
+        valid = mask.numpy()[0].astype(bool)
+        if accounting is None:                       # the package's own width: one-label heads are told by it
+            accounting = Accounting(task, ours.shape[-1], tokenizer)
+        if task in POOLED_TASKS:                      # one row per text: no per-token output to split
+            accounting.add(i + 1, ids[0][valid].numpy(), residual_peaks(ref)[0][valid], ref["output"], ours[:, 0])
+        else:
+            accounting.add(i + 1, ids[0][valid].numpy(), residual_peaks(ref)[0][valid],
+                           valid_rows(ref["output"][0], valid), valid_rows(ours[0], valid))
+        rows.append({"text": i + 1, "tokens": min(n_tokens, length), "length": length})
+        del ref, ours
         if args.report:
-            disagreement += text_disagreement(task, ref, ours, mask.numpy())
             with before, torch.no_grad():
                 unrotated(ids, mask.float())
-    if task in POOLED_TASKS:
-        metrics = output_metrics(task, np.concatenate(refs), np.concatenate(outs), np.ones(len(refs)))
-    else:
-        flat_mask = np.concatenate(masks)[None]
-        metrics = output_metrics(task, np.concatenate(refs)[None], np.concatenate(outs)[None], flat_mask)
+    rows = [{**row, **{k: v for k, v in text_row.items() if k not in row}}
+            for row, text_row in zip(rows, accounting.text_rows())]
+    metrics = accounting.metrics()
     if watch:
         metrics.update(watch.metrics())
     metrics["backend"] = runner.backend
+    gates = gate_results(metrics, args.max_kl, args.max_score_error)
     columns = ["text", "tokens", "length"] + [c for c in ("kl_mean", "kl_max", "top1_agreement", "cosine_min",
-                                                          "max_abs_diff", "nonfinite") if c in rows[0]]
+                                                          "score_abs_error_max", "max_abs_diff", "nonfinite")
+                                              if c in rows[0]]
     print(f"\n{args.package}: task {task}, rotation {meta.get('rotation')}, backend {runner.backend}, "
           f"against float32 transformers ({source})\n")
     print(format_table(rows, columns))
@@ -219,19 +228,19 @@ def main(argv) -> int:
         print(format_table(watch.largest(), ["op", "max_abs"]))
     print("\nmetrics (over non-padding tokens; KL in nats per token, reference || package)")
     print(format_metrics(metrics))
+    print(format_accounting(metrics))
+    if gates:
+        print(format_gates(gates))
     if args.json:
         write_json(args.json, {**metrics, "package": str(args.package), "model": source,
-                               "function": meta["function"], "task": task,
-                               "texts": rows, "largest_ops": watch.largest() if watch else []})
+                               "function": meta["function"], "task": task, "texts": rows,
+                               "largest_ops": watch.largest() if watch else [], "gates": gates})
         print(f"\nwrote {args.json}")
     if args.report:
         tokens = sum(int(row["tokens"]) for row in rows)
-        write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics, disagreement, tokens)
+        write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics, accounting, tokens, gates)
         print(f"\nwrote {Path(args.report) / 'index.html'}")
-    if args.max_kl is not None and not metrics.get("kl_mean", 0.0) <= args.max_kl:
-        print(f"error: kl_mean {metrics.get('kl_mean')} exceeds --max-kl {args.max_kl}", file=sys.stderr)
-        return 1
-    return 0
+    return gate_exit(gates)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
 
 Prints a per-module table (embeddings, a global block, a local block, the encoder, the head output),
 the largest absolute activation per layer (transformers' vs this model's residual stream, which is
-rotated unless --rotation none) and the final metrics; --json writes the metrics, --report DIR a page
-with plots (report.py), for which the unrotated model runs too.
+rotated unless --rotation none), the final metrics and the per-token accounting (delimiter vs ordinary
+tokens, the worst token); --json writes them, --report DIR a page with plots (report.py), for which the
+unrotated model runs too. Texts run in bounded batches (BATCH_BYTES) and only per-token statistics are
+kept, so a 256k-vocabulary model fits in memory. --max-kl / --max-score-error: exit 1 above them.
 """
 import argparse
 import copy
@@ -17,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, compare_rows, format_metrics, format_table,
-                        load_tokenizer, output_metrics, overflow_metrics, reference_model, reference_outputs,
-                        text_disagreement, tokenize, write_json)
+from evaluation import (EVAL_TEXTS, Accounting, check_gates, check_output_path, compare_rows, format_accounting,
+                        format_gates, format_metrics, format_table, gate_exit, gate_results, load_tokenizer,
+                        merge_compare_rows, output_measure, overflow_metrics, reference_model, reference_outputs,
+                        residual_peaks, tokenize, valid_rows, write_json)
 from checkpoint import DEFAULT_MODEL
 from model import POOLED_TASKS, TASKS, ActivationProbe, ModernBert
 from report import check_report_folder, write_report
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR",
                    help="write DIR/index.html: activations per layer before/after the rotation, KL per token, metrics")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file or --report folder")
+    p.add_argument("--max-kl", type=float, metavar="X", help="exit 1 when kl_mean exceeds X (for CI)")
+    p.add_argument("--max-score-error", type=float, metavar="X",
+                   help="one-label heads (rerankers, regression): exit 1 when a score is off by more than X")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -53,22 +59,49 @@ def channels_last(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().squeeze(2).transpose(1, 2).numpy()          # (B, C, 1, S) -> (B, S, C)
 
 
-def run_model(model: ModernBert, input_ids, attention_mask, dtype) -> tuple[dict, ActivationProbe]:
-    """This model's task output and intermediates, as (B, S, C) float32 arrays in the reference basis."""
+def run_model(model: ModernBert, input_ids, attention_mask, dtype, probe: ActivationProbe) -> dict:
+    """This model's task output and intermediates, as (B, S, C) float32 arrays in the reference basis;
+    `probe` gathers the largest values and float16 overflows (over every call)."""
     captured = {}
     final = model.final_proj if model.final_proj is not None else model.final_norm   # the encoder's output
     hooks = [model.embeddings.register_forward_hook(lambda m, i, o: captured.__setitem__("embeddings", o[1])),
              final.register_forward_hook(lambda m, i, o: captured.__setitem__("encoder", o))]
     for idx, block in enumerate(model.layers):
         hooks.append(block.register_forward_hook(lambda m, i, o, idx=idx: captured.__setitem__(f"layers.{idx}", o)))
-    with ActivationProbe() as probe, torch.no_grad():
+    with probe, torch.no_grad():
         out = model(input_ids, attention_mask.to(dtype))
     for h in hooks:
         h.remove()
     arrays = {k: channels_last(v) for k, v in captured.items()}
     out = out[:, 0] if model.task in POOLED_TASKS else out                  # (B, K=1, L) -> (B, L)
     arrays["output"] = out.detach().float().numpy()
-    return arrays, probe
+    return arrays
+
+
+# float32 rows (task output and residual stream, transformers' and ours) of one batch at most: every text in one
+# padded batch for a small model, one at a time at a 256k vocabulary (a 512-token text's logits are 0.5 GB)
+BATCH_BYTES = 256 * 2**20
+
+
+def text_batches(lengths: list[int], row_bytes: int, budget: int | None = None) -> list[list[int]]:
+    """Consecutive texts (their token counts) grouped so that a padded batch of them holds at most `budget`
+    (default BATCH_BYTES) bytes at `row_bytes` a token; a text alone always runs."""
+    budget = BATCH_BYTES if budget is None else budget
+    batches = []
+    for i, n in enumerate(lengths):
+        if batches and (len(batches[-1]) + 1) * max(n, *(lengths[j] for j in batches[-1])) * row_bytes <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def row_bytes(model: ModernBert) -> int:
+    """float32 bytes a token costs in a batch: the task output and the captured residual stream, twice
+    (transformers' and ours)."""
+    c = model.config
+    width = {"fill-mask": c.vocab_size, "classify": 0, "token-classify": c.num_labels}.get(model.task, c.hidden_size)
+    return 2 * 4 * (width + c.hidden_size * (c.num_hidden_layers + 2))
 
 
 def residual_to_reference(model: ModernBert, x: np.ndarray) -> np.ndarray:
@@ -100,40 +133,56 @@ def module_rows(model: ModernBert, ref: dict, ours: dict, mask: np.ndarray) -> l
     return rows
 
 
-def layer_rows(model: ModernBert, ref: dict, probe: ActivationProbe, mask: np.ndarray) -> list[dict]:
-    valid = mask.astype(bool)
-    rows = [{"layer": "embeddings", "kind": "", "max_abs_ref": float(np.abs(ref["embeddings"][valid]).max()),
+def layer_rows(model: ModernBert, ref_peaks: dict, probe: ActivationProbe) -> list[dict]:
+    """Per layer: the reference's largest |value| (ref_peaks, gathered over the batches) and ours (probe)."""
+    rows = [{"layer": "embeddings", "kind": "", "max_abs_ref": ref_peaks["embeddings"],
              "max_abs": probe.max_abs.get("embeddings", float("nan"))}]
     for i, kind in enumerate(model.config.layer_types):
         rows.append({"layer": i, "kind": "global" if kind == "full_attention" else "local",
-                     "max_abs_ref": float(np.abs(ref[f"layers.{i}"][valid]).max()),
+                     "max_abs_ref": ref_peaks[f"layers.{i}"],
                      "max_abs": probe.max_abs.get(f"layers.{i}", float("nan"))})
     return rows
 
 
-def write_torch_report(args, argv, ckpt, model, unrotated, metrics, probe, ref, ours, input_ids, attention_mask):
-    """The --report page; runs the unrotated model (same precision, same inputs) for "before rotation"."""
+def write_torch_report(args, argv, ckpt, model, metrics, probe, before, accounting, tokens, longest, gates):
+    """The --report page: `before` is the unrotated model's probe (same precision, same inputs), or None."""
     peaks = {f"after rotation ({args.rotation}): model.py, {args.precision}": probe.max_abs}
-    if unrotated is None:
+    if before is None:
         peaks = {f"model.py (rotation none), {args.precision}": probe.max_abs}
     else:
-        if args.query_chunk:
-            unrotated.set_query_chunk(args.query_chunk)
-        dtype = torch.float16 if args.precision == "float16" else torch.float32
-        _, before = run_model(unrotated.to(dtype), input_ids, attention_mask, dtype)
         peaks = {f"before rotation: model.py unrotated, {args.precision}": before.max_abs, **peaks}
-    mask = attention_mask.numpy()
     facts = {"checkpoint": ckpt.source, "task": model.task,
              "this model": f"model.py, {args.precision}, rotation {args.rotation} (seed {args.seed})",
              "reference": "transformers, float32",
-             "texts": f"{len(EVAL_TEXTS)} evaluation texts, {int(mask.sum())} tokens, up to {mask.shape[1]} per text",
+             "texts": f"{len(EVAL_TEXTS)} evaluation texts, {tokens} tokens, up to {longest} per text",
              "command": shlex.join(["python", "diff_torch.py", *argv])}
     write_report(args.report, title=f"diff_torch: {ckpt.source} ({model.task}), model.py {args.precision}, "
                                     f"rotation {args.rotation}, against transformers float32",
                  facts=facts, metrics=metrics, peaks=peaks, n_layers=model.config.num_hidden_layers,
-                 disagreement=text_disagreement(model.task, ref["output"], ours["output"], mask),
-                 measure="cosine" if model.task in COSINE_TASKS else "kl", pooled=model.task in POOLED_TASKS,
-                 force=args.force)
+                 texts=accounting.panels(), measure=accounting.tokens.measure, pooled=model.task in POOLED_TASKS,
+                 output_measure=accounting.measure, gates=gates, force=args.force)
+
+
+def compare_batch(model, transformers_model, unrotated, ckpt, ids, mask, dtype, probe, before, accounting, first):
+    """Run one batch of texts (numbered from `first`) through both models; returns (module rows, reference
+    peaks per layer) and adds each text to `accounting`."""
+    ref = reference_outputs(transformers_model, model.task, ids, mask, ckpt)
+    ours = run_model(model, ids, mask, dtype, probe)
+    if unrotated is not None:
+        run_model(unrotated, ids, mask, dtype, before)                    # only its probe is kept
+    m = mask.numpy().astype(bool)
+    peaks = residual_peaks(ref)                                            # (B, S)
+    for b in range(len(m)):
+        valid = m[b]
+        encoder = {"ref_encoder": ref["encoder"][b][valid], "encoder": ours["encoder"][b][valid]}
+        if model.task in POOLED_TASKS:
+            accounting.add(first + b, ids[b][valid].numpy(), peaks[b][valid], ref["output"][b:b + 1],
+                           ours["output"][b:b + 1], **encoder)
+        else:
+            accounting.add(first + b, ids[b][valid].numpy(), peaks[b][valid], valid_rows(ref["output"][b], valid),
+                           valid_rows(ours["output"][b], valid))
+    layer_peaks = {k: float(np.abs(v[m]).max()) for k, v in ref.items() if k == "embeddings" or k.startswith("layers.")}
+    return module_rows(model, ref, ours, mask.numpy()), layer_peaks
 
 
 def main(argv) -> int:
@@ -144,6 +193,9 @@ def main(argv) -> int:
     # everything that reads the user's input first, so that bad input gets one line on stderr and nothing else
     model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision,
                                              allow_pickle=args.allow_pickle)
+    width = model.config.num_labels if model.task in ("classify", "token-classify") else 0
+    check_gates(output_measure(model.task, width), args.max_kl, args.max_score_error,
+                f"the {model.task} output of {ckpt.source}")
     tokenizer = load_tokenizer(ckpt.root)
     transformers_model = reference_model(ckpt, model.task)
     print(f"loaded {ckpt.source} ({model.task}, {model.config.num_hidden_layers} layers)", file=sys.stderr)
@@ -151,38 +203,49 @@ def main(argv) -> int:
     if args.rotation != "none":
         print(f"rotating ({args.rotation}, seed {args.seed}) ...", file=sys.stderr)
         rotate_model(model, args.rotation, args.seed)
-    if args.query_chunk:
-        model.set_query_chunk(args.query_chunk)
     dtype = torch.float16 if args.precision == "float16" else torch.float32
+    for m in (model, unrotated):
+        if m is not None and args.query_chunk:
+            m.set_query_chunk(args.query_chunk)
     model = model.to(dtype)
+    unrotated = unrotated.to(dtype) if unrotated is not None else None
     max_length = min(args.max_length, model.config.max_position_embeddings)
-    input_ids, attention_mask = tokenize(tokenizer, EVAL_TEXTS, max_length)
-    mask = attention_mask.numpy()
+    lengths = [len(ids) for ids in tokenizer(EVAL_TEXTS, truncation=True, max_length=max_length)["input_ids"]]
+    batches = text_batches(lengths, row_bytes(model))
     print(f"running transformers (float32) and this model ({args.precision}) on {len(EVAL_TEXTS)} texts, "
-          f"{int(mask.sum())} tokens, up to {input_ids.shape[1]} per text ...", file=sys.stderr)
-    ref = reference_outputs(transformers_model, model.task, input_ids, attention_mask, ckpt)
-    del transformers_model
-    ours, probe = run_model(model, input_ids, attention_mask, dtype)
-
-    metrics = output_metrics(model.task, ref["output"], ours["output"], mask)
+          f"{sum(lengths)} tokens, up to {max(lengths)} per text, in {len(batches)} batch(es) ...", file=sys.stderr)
+    accounting = Accounting(model.task, width or model.config.hidden_size, tokenizer, cls_pooled=model.pooling == "cls")
+    probe, before = ActivationProbe(), ActivationProbe() if unrotated is not None else None
+    modules, ref_peaks = None, {}
+    for batch in batches:
+        ids, mask = tokenize(tokenizer, [EVAL_TEXTS[i] for i in batch], max_length)
+        rows, peaks = compare_batch(model, transformers_model, unrotated, ckpt, ids, mask, dtype, probe, before,
+                                    accounting, batch[0] + 1)
+        modules = rows if modules is None else [merge_compare_rows(a, b) for a, b in zip(modules, rows)]
+        ref_peaks = {k: max(v, ref_peaks.get(k, 0.0)) for k, v in peaks.items()}
+    metrics = accounting.metrics()
     metrics.update(overflow_metrics(probe))
-    modules = module_rows(model, ref, ours, mask)
-    layers = layer_rows(model, ref, probe, mask)
+    gates = gate_results(metrics, args.max_kl, args.max_score_error)
+    layers = layer_rows(model, ref_peaks, probe)
     print(f"\n{ckpt.source}: task {model.task}, {args.precision}, rotation {args.rotation}\n")
     print(format_table(modules, ["module", "max_abs_diff", "rel_diff", "cosine_min", "max_abs_ref", "max_abs"]))
     print("\nlargest absolute activation per layer (residual stream; this model's is rotated unless --rotation none)")
     print(format_table(layers, ["layer", "kind", "max_abs_ref", "max_abs"]))
     print("\nmetrics (over non-padding tokens; KL in nats per token, reference || this model)")
     print(format_metrics(metrics))
+    print(format_accounting(metrics))
+    if gates:
+        print(format_gates(gates))
     if args.json:
         write_json(args.json, {**metrics, "model": ckpt.source, "task": model.task, "precision": args.precision,
-                               "rotation": args.rotation, "seed": args.seed, "tokens": int(mask.sum()),
-                               "modules": modules, "layers": layers})
+                               "rotation": args.rotation, "seed": args.seed, "tokens": sum(lengths),
+                               "modules": modules, "layers": layers, "texts": accounting.text_rows(), "gates": gates})
         print(f"\nwrote {args.json}")
     if args.report:
-        write_torch_report(args, argv, ckpt, model, unrotated, metrics, probe, ref, ours, input_ids, attention_mask)
+        write_torch_report(args, argv, ckpt, model, metrics, probe, before, accounting, sum(lengths), max(lengths),
+                           gates)
         print(f"\nwrote {Path(args.report) / 'index.html'}")
-    return 0
+    return gate_exit(gates)
 
 
 if __name__ == "__main__":

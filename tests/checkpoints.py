@@ -103,8 +103,9 @@ TASK_CLASSES = {"fill-mask": "ModernBertForMaskedLM", "encoder": "ModernBertMode
 
 def build_checkpoint(folder, config: str = "tiny", task: str = "fill-mask", seed: int = 0, *,
                      legacy_config: bool = False, perturb: bool = True, outliers: bool = False,
-                     config_overrides: dict | None = None):
-    """Save a random checkpoint of `task` into `folder` (created) and return the transformers model."""
+                     config_overrides: dict | None = None, labels: tuple[str, ...] | None = None):
+    """Save a random checkpoint of `task` into `folder` (created) and return the transformers model.
+    `labels`: a classifier's labels (default three; one label is a reranker / regression head)."""
     import transformers
     folder = Path(folder)
     tokenizer = build_tokenizer()
@@ -115,7 +116,7 @@ def build_checkpoint(folder, config: str = "tiny", task: str = "fill-mask", seed
                   max_position_embeddings=1024)
     kwargs.update({**CONFIGS, **BENCH_CONFIGS}[config], **(config_overrides or {}))
     if task in ("classify", "token-classify"):
-        labels = ["negative", "neutral", "positive"] if task == "classify" else ["O", "B-ENT", "I-ENT"]
+        labels = labels or (["negative", "neutral", "positive"] if task == "classify" else ["O", "B-ENT", "I-ENT"])
         kwargs.update(id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
     torch.manual_seed(seed)
     hf_config = transformers.ModernBertConfig(**kwargs)

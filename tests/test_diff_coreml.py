@@ -10,7 +10,8 @@ import pytest
 
 import convert
 import diff_coreml
-from checkpoints import CONFIGS, build_sentence_transformers
+from checkpoints import CONFIGS, build_sentence_transformers, build_tokenizer
+from evaluation import EVAL_TEXTS
 from mlpackage import PackageRunner, input_lengths
 from user_errors import run_cli
 
@@ -41,6 +42,16 @@ def test_package_matches_transformers(package, tmp_path, capsys):
             "overflow_count", "first_overflow"} <= set(m)
     assert m["top1_agreement"] >= 0.99 and m["nonfinite"] == 0 and m["backend"] == "emulate"
     assert {row["length"] for row in m["texts"]} == {32, 128}            # short texts use the short length
+    # per token: delimiters apart from ordinary tokens, the worst one named (text, position, token), per text too
+    delimiters, ordinary, worst = m["delimiter_tokens"], m["ordinary_tokens"], m["worst_token"]
+    assert delimiters["tokens"] == 2 * len(m["texts"]) and m["token_measure"] == "kl"
+    assert delimiters["tokens"] + ordinary["tokens"] == sum(row["tokens"] for row in m["texts"])
+    assert worst["kl"] == m["kl_max"] == max(delimiters["kl_max"], ordinary["kl_max"])
+    ids = build_tokenizer()(EVAL_TEXTS[worst["text"] - 1])["input_ids"]
+    assert ids[worst["position"]] == worst["token_id"] and worst["token"] == build_tokenizer().convert_ids_to_tokens(
+        worst["token_id"])
+    assert m["texts"][worst["text"] - 1]["worst_token"]["position"] == worst["position"]
+    assert "worst token      text" in out and m["gates"] == []
 
 
 def test_report_plots_the_package_per_layer(package, tmp_path, capsys):
@@ -50,6 +61,7 @@ def test_report_plots_the_package_per_layer(package, tmp_path, capsys):
     assert code == 0 and page.count('<img src="data:image/png;base64,') == 2
     assert "before rotation: model.py unrotated, float32" in page
     assert "after rotation (hadamard): this package, float16 emulator" in page
+    assert page.count('<p class="tokens">') == 9 and "one panel per text" in page and "Worst token: <b>“" in page
 
 
 def program_ops(layer_convs=("attn_Wqkv", "attn_Wo", "mlp_Wi", "mlp_Wo"), rotated=True):
@@ -100,8 +112,27 @@ def test_package_ops_are_grouped_per_layer_in_a_real_package(package):
 
 
 def test_max_kl_fails_above_threshold(package, capsys):
-    code, _, err = run(diff_coreml.main, [package, "--max-kl", "1e-12"], capsys)
-    assert code == 1 and "exceeds --max-kl" in err
+    code, out, err = run(diff_coreml.main, [package, "--max-kl", "1e-12"], capsys)
+    assert code == 1 and "exceeds --max-kl" in err and "FAIL  kl_mean" in out
+    code, _, err = run(diff_coreml.main, [package, "--max-score-error", "0.1"], capsys)     # before any work
+    assert code == 2 and "--max-score-error does not apply" in err and "running" not in err
+
+
+def test_one_label_package_is_compared_by_its_score(checkpoint_factory, tmp_path, capsys):
+    """A reranker / regression head: the score's absolute and relative error, gated by --max-score-error."""
+    out = tmp_path / "score.mlpackage"
+    ckpt = checkpoint_factory("tiny", "classify", labels=("LABEL_0",))
+    assert run(convert.main, [ckpt, "--seq-len", "128", "-o", out], capsys)[0] == 0
+    path = tmp_path / "s.json"
+    code, printed, _ = run(diff_coreml.main, [out, "--json", path, "--max-score-error", "0.5"], capsys)
+    m = json.loads(path.read_text())
+    assert code == 0 and "kl_mean" not in m and 0 < m["score_abs_error_max"] < 0.5
+    assert m["score_rel_error_max"] > 0 and m["worst_text"]["abs_error"] == m["score_abs_error_max"]
+    assert len(m["texts"]) == len(EVAL_TEXTS) and "score_abs_error_max" in printed
+    code, _, err = run(diff_coreml.main, [out, "--max-score-error", "1e-9"], capsys)
+    assert code == 1 and "exceeds --max-score-error" in err
+    code, _, err = run(diff_coreml.main, [out, "--max-kl", "1"], capsys)
+    assert code == 2 and err.count("error:") == 1 and "one-label score" in err
 
 
 def test_embedding_package_cosine(tmp_path, capsys):

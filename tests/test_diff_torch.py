@@ -1,19 +1,24 @@
 """diff_torch.py: the report, its JSON, and one-line errors for bad input."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import diff_torch
+from evaluation import EVAL_TEXTS
+from checkpoints import build_tokenizer
 from user_errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_KEYS = {"kl_mean", "kl_max", "top1_agreement", "top5_agreement", "max_abs_diff", "nonfinite",
-             "overflow_count", "first_overflow"}
+             "overflow_count", "first_overflow", "delimiter_tokens", "ordinary_tokens", "worst_token", "token_output",
+             "token_measure", "delimiter_rule", "texts", "gates"}
 
 
 def run_main(argv, capsys):
@@ -93,3 +98,103 @@ def test_bad_input_gets_one_line_and_no_traceback(checkpoint_factory, tmp_path):
         assert len(lines) == 1 and message in lines[0], (name, result.stderr)
         assert "Traceback" not in result.stderr, name
         assert not (tmp_path / "x.json").exists()
+
+
+def json_run(argv, tmp_path, capsys, name="m.json"):
+    path = tmp_path / name
+    code, out, err = run_main([*map(str, argv), "--json", str(path), "--force"], capsys)
+    return code, (json.loads(path.read_text()) if path.exists() else None), out, err
+
+
+def assert_names_its_token(row: dict):
+    """A worst token's text, position, id and string are those of the evaluation text, tokenized."""
+    ids = build_tokenizer()(EVAL_TEXTS[row["text"] - 1])["input_ids"]
+    assert ids[row["position"]] == row["token_id"]
+    assert build_tokenizer().convert_ids_to_tokens(row["token_id"]) == row["token"]
+
+
+def test_delimiter_and_ordinary_tokens_of_an_outlier_checkpoint(checkpoint_factory, tmp_path, capsys):
+    """[CLS]/[SEP] carry ~3e4 there: they are the delimiter tokens, and float16 hurts them most."""
+    code, m, out, _ = json_run([checkpoint_factory("tiny", outliers=True), "--precision", "float16"], tmp_path, capsys)
+    assert code == 0
+    delimiters, ordinary = m["delimiter_tokens"], m["ordinary_tokens"]
+    assert delimiters["tokens"] == 2 * len(EVAL_TEXTS) and delimiters["tokens"] + ordinary["tokens"] == m["tokens"]
+    assert delimiters["kl_mean"] > 10 * ordinary["kl_mean"] > 0
+    assert m["kl_mean"] == pytest.approx((delimiters["kl_mean"] * delimiters["tokens"] +
+                                          ordinary["kl_mean"] * ordinary["tokens"]) / m["tokens"])
+    worst = m["worst_token"]
+    assert worst["kl"] == m["kl_max"] and worst["token"] in ("[CLS]", "[SEP]") and worst["delimiter"]
+    assert_names_its_token(worst)
+    assert [row["text"] for row in m["texts"]] == list(range(1, len(EVAL_TEXTS) + 1))
+    assert max(row["kl_max"] for row in m["texts"]) == m["kl_max"]
+    assert f"worst token      text {worst['text']}, position {worst['position']}, '{worst['token']}'" in out
+
+
+def test_texts_in_bounded_batches_give_the_same_metrics(checkpoint_factory, tmp_path, capsys, monkeypatch):
+    """float32 (float16 rounding differs with the padded shape): one padded batch and every text alone agree."""
+    ckpt = checkpoint_factory("tiny", outliers=True)
+    _, together, _, err = json_run([ckpt], tmp_path, capsys, "a.json")
+    monkeypatch.setattr(diff_torch, "BATCH_BYTES", 1)                   # every text alone, as at a 256k vocabulary
+    _, alone, _, err_alone = json_run([ckpt], tmp_path, capsys, "b.json")
+    assert "in 1 batch(es)" in err and f"in {len(EVAL_TEXTS)} batch(es)" in err_alone
+    for m in (together, alone):
+        assert m["top1_agreement"] == 1.0 and m["kl_max"] < 1e-9 and m["max_abs_diff"] < 1e-3
+    assert [row["tokens"] for row in alone["texts"]] == [row["tokens"] for row in together["texts"]]
+    assert alone["delimiter_tokens"]["tokens"] == together["delimiter_tokens"]["tokens"] == 2 * len(EVAL_TEXTS)
+    assert [l["max_abs_ref"] for l in alone["layers"]] == pytest.approx([l["max_abs_ref"] for l in together["layers"]])
+    assert [l["max_abs"] for l in alone["layers"]] == pytest.approx([l["max_abs"] for l in together["layers"]])
+
+
+def test_batches_stay_within_the_budget():
+    lengths = [9, 14, 24, 20, 331, 319, 10]
+    assert diff_torch.text_batches(lengths, row_bytes=1, budget=10**9) == [list(range(7))]
+    assert diff_torch.text_batches(lengths, row_bytes=1, budget=100) == [[0, 1, 2, 3], [4], [5], [6]]
+    for budget in (50, 700, 2000):
+        for batch in diff_torch.text_batches(lengths, row_bytes=1, budget=budget):
+            assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= budget
+
+
+def test_cls_pooled_classifier_reports_its_cls_row(checkpoint_factory, tmp_path, capsys):
+    ckpt = checkpoint_factory("tiny", "classify", outliers=True, config_overrides={"classifier_pooling": "cls"})
+    code, m, out, _ = json_run([ckpt, "--precision", "float16"], tmp_path, capsys)
+    assert code == 0 and m["token_output"] == "encoder output (final norm)" and m["token_measure"] == "cosine"
+    assert {"cosine_min", "cosine_mean", "worst_text"} <= set(m["cls_row"]) and "[CLS] row" in out
+    assert m["cls_row"]["cosine_min"] >= m["delimiter_tokens"]["cosine_min"]     # [CLS] rows are delimiter rows
+    assert 1 <= m["worst_text"]["text"] <= len(EVAL_TEXTS) and m["worst_text"]["kl"] == m["kl_max"]
+    assert_names_its_token(m["worst_token"])
+    mean_pooled = checkpoint_factory("tiny", "classify", config_overrides={"classifier_pooling": "mean"})
+    code, m, _, _ = json_run([mean_pooled], tmp_path, capsys)
+    assert code == 0 and "cls_row" not in m and "worst_text" in m
+
+
+def test_one_label_head_is_compared_by_its_score(checkpoint_factory, tmp_path, capsys):
+    """A reranker / regression head: softmax over one label is always 1, so KL says nothing; the score's error."""
+    ckpt = checkpoint_factory("tiny", "classify", labels=("LABEL_0",))
+    code, m, out, _ = json_run([ckpt, "--precision", "float16", "--max-score-error", "1"], tmp_path, capsys)
+    assert code == 0 and "kl_mean" not in m and "top1_agreement" not in m
+    assert 0 < m["score_abs_error_max"] < 0.1 and m["score_abs_error_mean"] <= m["score_abs_error_max"]
+    assert m["score_rel_error_max"] > 0 and m["worst_text"]["abs_error"] == m["score_abs_error_max"]
+    assert m["gates"] == [{"flag": "--max-score-error", "metric": "score_abs_error_max", "limit": 1.0,
+                           "value": m["score_abs_error_max"], "passed": True}]
+    assert "PASS  score_abs_error_max" in out
+    code, m, _, err = json_run([ckpt, "--precision", "float16", "--max-score-error", "1e-9"], tmp_path, capsys)
+    assert code == 1 and "exceeds --max-score-error" in err and m["gates"][0]["passed"] is False
+    code, _, err = run_main([str(ckpt), "--max-kl", "0.1"], capsys)
+    assert code == 2 and err.count("error:") == 1 and "--max-kl does not apply" in err and "--max-score-error" in err
+
+
+def test_max_kl_gate(checkpoint_factory, tmp_path, capsys):
+    code, m, _, err = json_run([checkpoint_factory(), "--max-kl", "1e-30", "--precision", "float16"], tmp_path, capsys)
+    assert code == 1 and "exceeds --max-kl" in err and not m["gates"][0]["passed"]
+    code, _, err = run_main([str(checkpoint_factory()), "--max-score-error", "0.1"], capsys)
+    assert code == 2 and "--max-score-error does not apply" in err
+
+
+def test_report_shows_the_texts_and_the_gate(checkpoint_factory, tmp_path, capsys):
+    folder = tmp_path / "report"
+    code, _, _ = run_main([str(checkpoint_factory("tiny", outliers=True)), "--precision", "float16", "--max-kl", "1",
+                           "--report", str(folder)], capsys)
+    page = (folder / "index.html").read_text()
+    assert code == 0 and '<p class="gate pass">PASS: kl_mean' in page
+    assert page.count('<p class="tokens">') == len(EVAL_TEXTS) and "Delimiter and ordinary tokens" in page
+    assert "one panel per text" in page and re.search(r"Worst token: <b>“\[(CLS|SEP)\]” \(text \d, position", page)

@@ -2,6 +2,7 @@
 import base64
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import pytest
 import report
 from user_errors import UserError
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+CHROMIUM_APPS = ("/Applications/Chromium.app/Contents/MacOS/Chromium",
+                 "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars"]
@@ -20,19 +23,34 @@ METRICS = {"kl_mean": 1.5e-05, "top1_agreement": 0.987654, "overflow_count": 3,
            "first_overflow": "layers.0.mlp_norm.square"}
 
 
-def sample(n_layers=3, pooled=False, measure="kl"):
-    """Report data shaped like diff_torch's: an unrotated model that overflows, a rotated one that does not."""
+def sample(n_layers=3, pooled=False, measure="kl", tokens=True):
+    """Report data shaped like diff_torch's: an unrotated model that overflows, a rotated one that does not;
+    per text its errors per token (pooled: its output's, with the encoder's per token unless tokens=False)."""
     rng = np.random.default_rng(0)
     before = {"embeddings.norm.square": 1.0, "embeddings": 3e4, "logits": 20.0}
     for i in range(n_layers):
         before.update({f"layers.{i}": 3e4, f"layers.{i}.mlp_norm.square": float("inf")})
     after = {"embeddings": 8672.0, **{f"layers.{i}": 8000.0 + i for i in range(n_layers)}, "final_norm": 3.0}
-    lengths = [1] * 4 if pooled else [9, 14, 120, 31]
-    disagreement = [np.abs(rng.normal(size=n)) * 1e-5 for n in lengths]
-    disagreement[1][0] = np.inf                                    # a non-finite output
+    texts = []
+    for i, n in enumerate([9, 14, 120, 31]):
+        values = np.abs(rng.normal(size=n)) * 1e-5
+        values[-1] = 1e-3 * (i + 1)                                 # the [SEP] of each text is its worst token
+        names = ["[CLS]", *(f"w{i}_{j}" for j in range(1, n - 1)), "[SEP]"]
+        delimiter = np.isin(np.arange(n), [0, n - 1])
+        text = {"values": values, "tokens": names, "delimiter": delimiter} if tokens else {}
+        texts.append({**text, "output": float(np.abs(rng.normal()) * 1e-5)} if pooled else text)
+    if tokens:
+        texts[1]["values"][3] = np.inf                              # a non-finite output
+        texts[1]["tokens"][3] = "<b>$x$"                            # escaped in the page, no mathtext in the plot
+    else:
+        texts[1]["output"] = np.inf
+    metrics = dict(METRICS, delimiter_tokens={"tokens": 8, "kl_mean": 2e-3}, ordinary_tokens={"tokens": 166,
+                   "kl_mean": 1e-5}, worst_token={"text": 2, "position": 3, "token": "<b>$x$", "delimiter": False,
+                                                 "kl": float("inf")}, token_measure=measure, token_output="task output",
+                   delimiter_rule="[CLS]/[SEP] and massive tokens")
     return dict(title="diff_torch: <ckpt> & co", facts={"checkpoint": "/tmp/<ckpt>", "command": "python x.py"},
-                metrics=METRICS, peaks={"before rotation": before, "after rotation (hadamard)": after},
-                n_layers=n_layers, disagreement=disagreement, measure=measure, pooled=pooled)
+                metrics=metrics, peaks={"before rotation": before, "after rotation (hadamard)": after},
+                n_layers=n_layers, texts=texts, measure=measure, pooled=pooled)
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +82,52 @@ def test_peaks_are_grouped_per_layer_by_probe_name():
 
 def test_same_data_same_bytes(tmp_path):
     for name in ("a", "b"):
-        report.write_report(str(tmp_path / name), **sample(pooled=True, measure="cosine"))
+        report.write_report(str(tmp_path / name), **sample(pooled=True, measure="cosine", tokens=False))
     for file in report.REPORT_FILES:
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
     assert "one pooled output per text" in (tmp_path / "a" / "index.html").read_text()
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def test_one_panel_per_text_and_the_worst_tokens_named(written):
+    page = (written / "index.html").read_text()
+    # small multiples: the figure grows with the rows of panels (4 texts: 2 rows of 3), not one crowded axis
+    assert png_size((written / "kl_per_token.png").read_bytes())[1] == round(100 * (0.6 + 1.55 * 2))
+    assert "one panel per evaluation text" in page
+    for i, n in enumerate([9, 14, 120, 31]):
+        if i != 1:
+            assert f"text {i + 1} ({n} tokens): worst token “[SEP]” at position {n - 1}" in page
+    assert "text 2 (14 tokens): worst token “&lt;b&gt;$x$” at position 3" in page        # non-finite first
+    assert page.count('class="nf w"') == 1 and page.count('class="s4 d w"') == 3     # 1e-3..4e-3: a decade
+    assert page.count(' d"') + page.count(' d ') + page.count('"d"') >= 6                  # delimiters marked
+    assert "Worst token: <b>“&lt;b&gt;$x$” (text 2, position 3): KL inf</b>" in page
+    assert re.search(r"<td>delimiter tokens</td><td[^>]*>8</td>", page)
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_gates_are_marked_pass_or_fail(tmp_path, passed):
+    gate = {"flag": "--max-kl", "metric": "kl_mean", "limit": 1e-3 if passed else 1e-6, "value": 1.5e-5,
+            "passed": passed}
+    report.write_report(str(tmp_path / "r"), **sample(), gates=[gate])
+    page = (tmp_path / "r" / "index.html").read_text()
+    mark = ('<p class="gate pass">PASS: kl_mean 1.5e-05 ≤ --max-kl 0.001</p>' if passed else
+            '<p class="gate fail">FAIL: kl_mean 1.5e-05 exceeds --max-kl 1e-06</p>')
+    assert mark in page and page.count('class="gate') == 1
+
+
+def test_pooled_panels_show_the_encoder_per_token_and_the_output_per_text(tmp_path):
+    report.write_report(str(tmp_path / "r"), **sample(pooled=True, measure="cosine"), output_measure="kl")
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "1 − cosine per token, one panel per text (the encoder output)" in page
+    assert "<th>output KL</th>" in page and "worst token “[SEP]”" in page
+
+
+def test_shades_are_decades_below_the_worst():
+    assert [report.shade(v, 1.0) for v in (1.0, 0.5, 0.05, 5e-3, 5e-4, 5e-5, 0.0, np.inf)] == \
+        ["s4", "s4", "s3", "s2", "s1", "", "", "nf"]
 
 
 def test_existing_folder_needs_force_and_failures_leave_nothing(tmp_path, monkeypatch):
@@ -96,14 +156,34 @@ def test_matplotlib_is_imported_only_when_drawing():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(report.__file__).parent)
 
 
+def find_chromium() -> str | None:
+    """Chromium or Chrome: on PATH, or the macOS application."""
+    found = [shutil.which(name) for name in CHROMIUM_NAMES] + [app for app in CHROMIUM_APPS if Path(app).is_file()]
+    return next((path for path in found if path), None)
+
+
 def chromium(tmp_path, *args) -> str:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: the report test needs it (apt-get install -y --no-install-recommends "
-                    f"chromium; .ci/run installs it)")
-    result = subprocess.run([str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+    browser = find_chromium()
+    if browser is None:
+        pytest.skip(f"no Chromium to render the page: none of {', '.join(CHROMIUM_NAMES)} on PATH, nor "
+                    f"{' or '.join(CHROMIUM_APPS)} (apt-get install -y --no-install-recommends chromium; "
+                    f".ci/run installs it)")
+    result = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
+
+
+def test_chromium_is_found_on_path(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "chromium-browser"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM_APPS", ())
+    assert find_chromium() == str(fake)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert find_chromium() is None
 
 
 def test_images_render_in_headless_chromium(written, tmp_path):
@@ -125,5 +205,5 @@ def test_images_render_in_headless_chromium(written, tmp_path):
     import matplotlib.image
     rgb = matplotlib.image.imread(shot)[..., :3]
     assert (rgb < 0.9).any(axis=-1).mean() > 0.01, "the screenshot is blank"
-    colored = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3          # the page's own colours are greys: plots only
+    colored = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3          # the plots, and highlighted tokens
     assert colored.mean() > 0.002, "no plot is visible in the screenshot"
