@@ -39,12 +39,19 @@ def layer_stats(model, tokenizer, sequences: list[list[int]]) -> list[dict]:
             writers[name] = max(writers.get(name, 0.0), out.abs().max().item())
         return record
 
+    stream = []                                                  # the residual stream: what each block outputs
+
+    def keep(module, args, out):
+        stream.append(out[0] if isinstance(out, tuple) else out)
+
     handles = [layer.attn.register_forward_hook(hook(f"{i}.attn")) for i, layer in enumerate(base.layers)]
     handles += [layer.mlp.register_forward_hook(hook(f"{i}.mlp")) for i, layer in enumerate(base.layers)]
+    handles += [block.register_forward_hook(keep) for block in [base.embeddings, *base.layers]]
     rows = []
     for ids in sequences:
-        out = base(input_ids=torch.tensor([ids]), output_hidden_states=True)
-        for depth, h in enumerate(out.hidden_states):            # 0: embeddings (after their norm)
+        stream.clear()
+        base(input_ids=torch.tensor([ids]))
+        for depth, h in enumerate(stream):                       # 0: embeddings (after their norm)
             a = h[0].abs()                                       # (S, C)
             flat = int(a.argmax())
             row = dict(peak=a.max().item(), median=a.median().item(), token=tokenizer.convert_ids_to_tokens(
