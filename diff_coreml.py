@@ -154,11 +154,15 @@ def write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics,
                  pooled=task in POOLED_TASKS, notes=notes, force=args.force)
 
 
+def check_outputs(args, inputs) -> None:
+    check_output_path(args.json, args.force, inside=inputs, script="diff_coreml")
+    check_output_path(args.report, args.force, inside=inputs, folder=True)
+    check_report_folder(args.report, args.force)
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
-    check_output_path(args.json, args.force, inside=[args.package, args.model])
-    check_output_path(args.report, args.force, inside=[args.package, args.model], folder=True)
-    check_report_folder(args.report, args.force)
+    check_outputs(args, [args.package, args.model, args.tokenizer])
     meta = read_metadata(args.package, args.function)
     lengths = input_lengths(args.package, meta["function"])
     task = meta["task"]
@@ -172,7 +176,9 @@ def main(argv) -> int:
         raise CheckpointError(f"{e} (the checkpoint {args.package} was converted from, by its metadata); "
                               f"pass --model with its folder") from e
     check_model_matches(meta, ModernBertConfig.from_dict(ckpt.config), source, args.package)
-    tokenizer = load_tokenizer(args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root)
+    tokenizer_source = args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root
+    check_outputs(args, [args.package, *ckpt.input_paths(), tokenizer_source])    # every input, now known
+    tokenizer = load_tokenizer(tokenizer_source)
     ref_model = reference_model(ckpt, task)
     backend_name = "Core ML (CPU and Neural Engine)" if runner.backend == "coreml" else "the float16 emulator"
     print(f"running {args.package} with {backend_name}", file=sys.stderr)   # the input read: no more bad-input errors
@@ -222,7 +228,8 @@ def main(argv) -> int:
     if args.json:
         write_json(args.json, {**metrics, "package": str(args.package), "model": source,
                                "function": meta["function"], "task": task,
-                               "texts": rows, "largest_ops": watch.largest() if watch else []})
+                               "texts": rows, "largest_ops": watch.largest() if watch else []},
+                   force=args.force, script="diff_coreml")
         print(f"\nwrote {args.json}")
     if args.report:
         tokens = sum(int(row["tokens"]) for row in rows)

@@ -20,7 +20,7 @@ import torch
 from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, compare_rows, format_metrics, format_table,
                         load_tokenizer, output_metrics, overflow_metrics, reference_model, reference_outputs,
                         text_disagreement, tokenize, write_json)
-from checkpoint import DEFAULT_MODEL
+from checkpoint import DEFAULT_MODEL, check_rotation, resolve_checkpoint
 from model import POOLED_TASKS, TASKS, ActivationProbe, ModernBert
 from report import check_report_folder, write_report
 from rotations import ROTATION_KINDS, rotate_model
@@ -136,14 +136,20 @@ def write_torch_report(args, argv, ckpt, model, unrotated, metrics, probe, ref, 
                  force=args.force)
 
 
+def check_outputs(args, inputs) -> None:
+    check_output_path(args.json, args.force, inside=inputs, script="diff_torch")
+    check_output_path(args.report, args.force, inside=inputs, folder=True)
+    check_report_folder(args.report, args.force)
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
-    check_output_path(args.json, args.force, inside=[args.model])
-    check_output_path(args.report, args.force, inside=[args.model], folder=True)
-    check_report_folder(args.report, args.force)
+    check_outputs(args, [args.model])
     # everything that reads the user's input first, so that bad input gets one line on stderr and nothing else
-    model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision,
-                                             allow_pickle=args.allow_pickle)
+    ckpt = resolve_checkpoint(args.model, args.revision, args.allow_pickle)
+    check_rotation(args.rotation, ckpt.config)                        # before the weights are loaded
+    check_outputs(args, ckpt.input_paths())                           # every folder read, now that they are known
+    model = ModernBert.from_checkpoint(ckpt, args.task)
     tokenizer = load_tokenizer(ckpt.root)
     transformers_model = reference_model(ckpt, model.task)
     print(f"loaded {ckpt.source} ({model.task}, {model.config.num_hidden_layers} layers)", file=sys.stderr)
@@ -177,7 +183,7 @@ def main(argv) -> int:
     if args.json:
         write_json(args.json, {**metrics, "model": ckpt.source, "task": model.task, "precision": args.precision,
                                "rotation": args.rotation, "seed": args.seed, "tokens": int(mask.sum()),
-                               "modules": modules, "layers": layers})
+                               "modules": modules, "layers": layers}, force=args.force, script="diff_torch")
         print(f"\nwrote {args.json}")
     if args.report:
         write_torch_report(args, argv, ckpt, model, unrotated, metrics, probe, ref, ours, input_ids, attention_mask)
