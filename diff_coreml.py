@@ -20,7 +20,7 @@ import torch
 from checkpoint import CheckpointError, resolve_checkpoint
 from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, format_metrics, format_table, load_tokenizer,
                         output_metrics, reference_model, reference_outputs, text_disagreement, tokenize, write_json)
-from mlpackage import BACKENDS, PackageRunner, input_lengths, read_metadata
+from mlpackage import BACKENDS, PackageRunner, check_token_ids, input_lengths, read_metadata
 from model import FLOAT16_MAX, MASK_FILL, POOLED_TASKS, ActivationProbe, ModernBert, ModernBertConfig
 from report import check_report_folder, write_report
 from user_errors import UserError, run_cli
@@ -180,6 +180,8 @@ def main(argv) -> int:
     check_outputs(args, [args.package, *ckpt.input_paths(), tokenizer_source])    # every input, now known
     tokenizer = load_tokenizer(tokenizer_source)
     ref_model = reference_model(ckpt, task)
+    check_token_ids([tokenizer(t)["input_ids"] for t in EVAL_TEXTS], meta.get("vocab_size"), args.package,
+                    lambda i: f"evaluation text {i + 1}")                # another --tokenizer's ids: refused
     backend_name = "Core ML (CPU and Neural Engine)" if runner.backend == "coreml" else "the float16 emulator"
     print(f"running {args.package} with {backend_name}", file=sys.stderr)   # the input read: no more bad-input errors
     output_name = meta.get("output", "logits")

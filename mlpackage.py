@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from checkpoint import CheckpointError, confined
 from quiet_coremltools import import_coremltools
 from user_errors import UserError
 
@@ -230,7 +231,6 @@ def model_file(path) -> Path:
         name = items[manifest["rootModelIdentifier"]]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise PackageError(f"{path} has a damaged Manifest.json: {type(e).__name__}: {e}") from e
-    from checkpoint import CheckpointError, confined
     try:
         for item in items.values():                           # Core ML reads every item: all stay inside
             confined(path / "Data", item, f"{path / 'Manifest.json'}: item path")

@@ -300,7 +300,7 @@ def label_names(meta: dict, n: int) -> list[str]:
 def token_spans(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int, int | None] | None]:
     """Per token: (start, end, word) in `text` characters (None for special tokens). Words and spans come
     from the tokenizer's offsets (fast tokenizers: byte-level BPE, WordPiece, Unigram alike); a tokenizer
-    without offsets gets each token's own decoded text, found in order in `text`."""
+    without offsets gets each token's decoded text, found in order in `text` (tokens it cannot place: None)."""
     special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}     # an unknown token is still input text
     n = len(ids)
     if getattr(tokenizer, "is_fast", False):
@@ -315,10 +315,12 @@ def token_spans(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int, in
                 start += 1
             spans.append(None if ids[i] in special or start >= end else (start, end, words[j]))
         return spans
-    spans, cursor = [], 0
-    for token_id in ids:
-        piece = "" if token_id in special else tokenizer.decode([token_id]).strip()
-        start = text.find(piece, cursor) if piece else -1
+    spans, cursor, folded = [], 0, text.lower()
+    for i, token_id in enumerate(ids):                    # a token's text: what it adds to the decoded prefix
+        ordinary = [t for t in ids[:i] if t not in special]
+        piece = "" if token_id in special else tokenizer.decode(ordinary + [token_id])[
+            len(tokenizer.decode(ordinary)):].strip()
+        start = folded.find(piece.lower(), cursor) if piece else -1
         spans.append(None if start < 0 else (start, start + len(piece), None))
         cursor = start + len(piece) if start >= 0 else cursor
     return spans

@@ -3,7 +3,12 @@
 A table of cases (CLI, argv, exit code, expected words) feeds convert.py, predict.py, diff_torch.py and
 diff_coreml.py bad input as a user would: missing, unreadable, foreign or damaged checkpoints, packages,
 tokenizers and text files; text too long, empty or not UTF-8; outputs inside the input or already there;
-a full disk. Each case checks the exit code, that stderr holds exactly one line, the `error:` line with the
+a full disk. Issue 14's classes: outputs that are symlinks, devices, FIFOs or sockets, --force over what is
+not ours, outputs holding an input or inside any input (tokenizer, the checkpoint a package names), an
+unwritable or full folder found before the work; paths inside inputs that leave them (manifest items,
+shard names, module paths, symlinks) and special files where a file is read; config.json lying about
+types and sizes (checked before allocation), non-finite weights, a hidden size without a Hadamard
+matrix; package metadata of the wrong type, token ids outside the package's vocabulary. Each case checks the exit code, that stderr holds exactly one line, the `error:` line with the
 expected words (a full disk, found after the work started, may follow the CLI's progress lines), no
 traceback, and that no file in the
 inputs, the case's folder (its working directory and outputs) or its TMPDIR was created, changed or
@@ -837,6 +842,8 @@ CASES += [
     predict("metadata-labels-not-a-list", lambda i, d: [i.pkg_labels_bad, SHORT], (DAMAGED_METADATA, "labels")),
     predict("metadata-vocab-not-an-integer", lambda i, d: [i.pkg_vocab_bad, SHORT], (DAMAGED_METADATA, "vocab_size")),
     diff_coreml("metadata-lengths-negative", at("pkg_lengths_bad"), (DAMAGED_METADATA, "seq_lengths")),
+    diff_coreml("token-ids-outside-the-vocabulary", at("pkg"), ("evaluation text 1 has token id", "outside"),
+                "--tokenizer", MODERNBERT_TOKENIZER),
     predict("metadata-prompts-not-a-mapping", lambda i, d: [i.pkg_prompts_bad, SHORT], (DAMAGED_METADATA, "prompts")),
     predict("token-ids-outside-the-vocabulary", lambda i, d: [i.pkg, "the capital of france is [MASK].",
                                                               "--tokenizer", MODERNBERT_TOKENIZER],
@@ -969,6 +976,15 @@ def test_every_cli_meets_every_kind_of_hostile_input():
                       ("diff_coreml", "model-missing-keys"), ("diff_coreml", "disk-full"),
                       ("diff_coreml", "json-inside"), ("diff_coreml", "json-exists")]:
         assert any(c.cli == cli and kind in c.id for c in CASES), (cli, kind)
+    # issue 14's classes, each with cases on several CLIs
+    classes = {"special output": ["symlink", "fifo", "socket", "dev-null"], "force only over ours": ["force-over"],
+               "output and inputs apart": ["inside", "holds-the"], "found before the work": ["unwritable", "before-the-work"],
+               "confinement": ["dotdot", "absolute", "link-out", "escapes"], "special input": ["fifo"],
+               "config before allocation": ["config-billion-layers", "config-vocab-6e7", "config-"],
+               "non-finite": ["weights-nan", "weights-inf"], "hadamard": ["no-hadamard"], "metadata": ["metadata-"]}
+    for name, words in classes.items():
+        clis = {c.cli for c in CASES if any(w in c.id for w in words)}
+        assert len(clis) >= 2, (name, clis)
 
 
 def test_snapshot_sees_every_change(tmp_path):

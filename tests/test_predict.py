@@ -639,3 +639,22 @@ def test_metadata_is_checked_by_type_when_read(tmp_path):
                 {"max_texts": "2"}, {"normalized": "yes"}, {"pad_token_id": 10}, {"prompts": {"prompts": {"q": 1}}}):
         with pytest.raises(PackageError, match="damaged metadata"):
             check_metadata({**good, **bad}, "p")
+
+
+def test_token_spans_without_offsets():
+    """A tokenizer without offsets (a Python one): each token's decoded text is found in order in the input."""
+    from checkpoints import build_tokenizer
+    fast = build_tokenizer()
+
+    class WithoutOffsets:
+        is_fast, all_special_ids, unk_token_id = False, fast.all_special_ids, fast.unk_token_id
+
+        def decode(self, ids):
+            return fast.decode(ids)
+    text = "paris is the capital of france."
+    ids = fast(text)["input_ids"]
+    spans = predict.token_spans(WithoutOffsets(), text, ids)
+    assert spans[0] is None and spans[-1] is None                           # [CLS], [SEP]
+    pieces = [text[s:e] for s, e, _ in spans[1:-1]]
+    assert "".join(pieces) == text.replace(" ", "") and all(p.strip() == p and p for p in pieces)
+    assert [s[:2] for s in spans[1:-1]] == [s[:2] for s in predict.token_spans(fast, text, ids)[1:-1]]
