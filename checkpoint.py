@@ -255,10 +255,11 @@ def validate_config(config: dict, where) -> None:
     if rope is not None and not (isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values())):
         raise CheckpointError(f"{where}: rope_parameters must map layer types to their parameters")
     id2label = config.get("id2label")
+    if id2label is not None and not isinstance(id2label, dict):
+        raise CheckpointError(f"{where}: id2label must be an object")
     if id2label is not None:
-        if not isinstance(id2label, dict) or sorted(id2label, key=str) != sorted(map(str, range(len(id2label))), key=str):
-            raise CheckpointError(f"{where}: id2label keys must be 0..n-1 (got {', '.join(map(str, list(id2label)[:6]))})"
-                                  if isinstance(id2label, dict) else f"{where}: id2label must be an object")
+        if set(id2label) != {str(i) for i in range(len(id2label))}:
+            raise CheckpointError(f"{where}: id2label keys must be 0..n-1 (got {', '.join(list(id2label)[:6])})")
         if isinstance(config.get("num_labels"), int) and id2label and config["num_labels"] != len(id2label):
             raise CheckpointError(f"{where}: num_labels {config['num_labels']} but id2label has {len(id2label)} labels")
 
@@ -358,7 +359,8 @@ def check_sizes(config: dict, folder: Path, allow_pickle: bool = False) -> None:
         inter = config.get("intermediate_size", 1152)
         for suffix, expected, names in (("embeddings.tok_embeddings.weight", [V, C], "vocab_size x hidden_size"),
                                         ("layers.0.attn.Wqkv.weight", [3 * C, C], "3 hidden_size x hidden_size"),
-                                        ("layers.0.mlp.Wi.weight", [2 * inter, C], "2 intermediate_size x hidden_size")):
+                                        ("layers.0.mlp.Wi.weight", [2 * inter, C],
+                                         "2 intermediate_size x hidden_size")):
             shape = _shape_of(headers, suffix)
             if shape is not None and list(shape) != expected:
                 raise CheckpointError(f"{where}: {suffix} is {' x '.join(map(str, shape))}, config.json says "

@@ -65,7 +65,7 @@ def load_tokenizer(source: str, tasks=()):
         raise CheckpointError(f"no such tokenizer folder: {name}; pass --tokenizer with the model's tokenizer "
                               f"(a hub id or folder)")
     if Path(name).expanduser().is_dir():
-        check_files(Path(name).expanduser(), TOKENIZER_FILES)       # confined regular files, before transformers opens them
+        check_files(Path(name).expanduser(), TOKENIZER_FILES)       # confined, regular: before transformers opens them
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name)
     except Exception as e:

@@ -8,11 +8,11 @@
     python predict.py embedder.mlpackage "what is rope?" --prompt query
 
 Reads the package's metadata (task, tokenizer, lengths, labels) written by convert.py, tokenizes
-each text ([CLS] ... [SEP]; a text pair as the tokenizer joins pairs), runs it at the smallest length the package accepts that fits (Core ML
-on macOS, the float16 emulator elsewhere) and prints, per task: the top-k tokens at every [MASK]
-(fill-mask), the labels with their probabilities (classify), a label per word of the input, mapped back
-through the tokenizer's character offsets (token-classify),
-the embedding and cosine similarities (embed), or the hidden states' shape and norms (encoder).
+each text ([CLS] ... [SEP]; a text pair as the tokenizer joins pairs), runs it at the smallest length
+the package accepts that fits (Core ML on macOS, the float16 emulator elsewhere) and prints, per task:
+the top-k tokens at every mask token (fill-mask), the labels with their probabilities (classify), a
+label per word of the input, found through the tokenizer's character offsets (token-classify), the
+embedding and cosine similarities (embed), or the hidden states' shape and norms (encoder).
 --pack puts several texts into one prediction (segment ids in attention_mask); results are the same.
 """
 import argparse
