@@ -69,11 +69,19 @@ def writing(target):
 
 
 def run_cli(main, argv=None) -> None:
-    """Run `main(argv)` and turn failures into one line on stderr and an exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run `main(argv)` and turn failures into one line on stderr and an exit code. SIGTERM raises
+    Terminated while `main` runs (the caller's handler is put back after: tests run CLIs in process)."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    try:
+        _run_cli(main, list(sys.argv[1:] if argv is None else argv))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_cli(main, argv: list) -> None:
     debug = "--debug" in argv
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = main(argv)
         sys.stdout.flush()                      # a full disk or a closed pipe on stdout shows here, not at exit

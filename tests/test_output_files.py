@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from output_files import Ours, check_output, json_with_keys, publish, rename_new, staging_folder, write_file
-from user_errors import UserError
+from user_errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,3 +186,11 @@ def test_sigterm_cleans_up_like_sigint(tmp_path, sig, code, message):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code and err.strip() == message, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_cli_puts_the_callers_sigterm_handler_back():
+    """CLIs run in process (the tests) leave the process's own SIGTERM behaviour as it was."""
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        run_cli(lambda argv: 0, [])
+    assert signal.getsignal(signal.SIGTERM) is before
