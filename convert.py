@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from ane_readiness import Readiness
-from checkpoint import DEFAULT_MODEL
-from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, cosine_metrics, distribution_metrics, load_tokenizer,
+from checkpoint import DEFAULT_MODEL, check_rotation, read_prompts, resolve_checkpoint
+from evaluation import (COSINE_TASKS, EVAL_TEXTS, cosine_metrics, distribution_metrics, load_tokenizer,
                         tokenize)
 from mlpackage import (BACKENDS, OUTPUT_NAMES, PROJECT_VERSION, PackageRunner, function_description, package_inputs,
-                       package_spec, save_spec, write_metadata)
+                       package_spec, save_spec, write_metadata, written_by_convert)
 from model import POOLED_TASKS, TASKS, ModernBert
-from output_files import publish, staging_folder
+from output_files import Ours, check_output as check_output_file, publish, staging_folder
 from quiet_coremltools import import_coremltools
 from rotations import ROTATION_KINDS, rotate_model
 from user_errors import UserError, run_cli, writing
@@ -145,10 +145,13 @@ def local_attention_kind(choice: str, config, lengths: list[int]) -> str:
     return choice
 
 
-def check_output(output: Path, checkpoint_dir: Path | None, force: bool) -> None:
+OURS = Ours(written_by_convert, "a package written by convert.py")       # what --force may replace
+
+
+def check_output(output: Path, inputs, force: bool) -> None:
     if output.suffix != ".mlpackage":
         raise UserError(f"output must end in .mlpackage: {output}")
-    check_output_path(str(output), force, inside=[checkpoint_dir], folder=True)
+    check_output_file(output, force, inputs=inputs, folder=True, ours=OURS)
 
 
 class Progress:
@@ -301,6 +304,7 @@ def task_metadata(model: ModernBert, ckpt) -> dict:
     if task in ("classify", "token-classify"):
         id2label = ckpt.config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
         labels = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(cfg.num_labels)]
+        labels = [v if isinstance(v, str) else json.dumps(v) for v in labels]      # {"0": 0}: the label "0"
     problem = ckpt.config.get("problem_type") or (
         "regression" if task == "classify" and cfg.num_labels == 1 else "single_label_classification")
     embedding_dim = None
@@ -324,7 +328,7 @@ def package_metadata(models: dict, ckpt, tokenizer, tokenizer_source: str, args,
             "compress": args.compress, "local_attention": "blockwise" if first.blockwise else "masked",
             "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
             "sep_token_id": tokenizer.sep_token_id, "mask_token_id": tokenizer.mask_token_id,
-            "max_texts": first.max_texts}
+            "max_texts": first.max_texts, "prompts": read_prompts(ckpt.root)}
     if len(models) == 1:
         return {**meta, **task_metadata(first, ckpt)}
     return {**meta, "functions": {function_name(task): task_metadata(model, ckpt) for task, model in models.items()}}
@@ -472,13 +476,13 @@ def main(argv) -> int:
     quiet_conversion()
     lengths = validate(args)
     if args.output:
-        check_output(Path(args.output), None, args.force)
+        check_output(Path(args.output), [args.model, args.tokenizer], args.force)
     n_tasks = len(args.task or [None])
     steps = Progress(1 + n_tasks * (3 - (args.rotation == "none")) + 1 + (not args.skip_check))
     steps.start(f"loading {args.model}", announce="done")             # the input is checked here
-    model, ckpt = ModernBert.from_pretrained(args.model, task=args.task[0] if args.task else None,
-                                             revision=args.revision, max_texts=args.max_texts,
-                                             allow_pickle=args.allow_pickle)
+    ckpt = resolve_checkpoint(args.model, args.revision, args.allow_pickle)
+    check_rotation(args.rotation, ckpt.config)                        # before the weights are loaded
+    model = ModernBert.from_checkpoint(ckpt, args.task[0] if args.task else None, args.max_texts)
     tasks = args.task or [model.task]
     tokenizer = load_tokenizer(args.tokenizer or ckpt.root, tasks)
     tokenizer_source = args.tokenizer or (ckpt.source if ckpt.revision or not Path(ckpt.source).exists()
@@ -487,7 +491,7 @@ def main(argv) -> int:
         raise UserError(f"--seq-len {max(lengths)} exceeds the model's {model.config.max_position_embeddings} positions")
     output = Path(args.output or default_output_name(ckpt.source, tasks, args.rotation, args.seed, lengths,
                                                      args.compress))
-    check_output(output, ckpt.root, args.force)
+    check_output(output, ckpt.input_paths() + [args.tokenizer], args.force)
     steps.done()
     embedding_gain = float(model.embeddings.norm.weight.detach().abs().max())             # before rotation folds it
     models, readiness, check_lines = {}, Readiness(), []
@@ -521,7 +525,7 @@ def main(argv) -> int:
                 check_lines += [f"  {line}" for line in lines]
             steps.done()
         print(readiness.report(package, lengths[-1]))
-        publish(package, output, args.force)
+        publish(package, output, args.force, OURS)
     if check_lines:
         print("\n".join(check_lines))
     print(f"wrote {output}  ({steps.summary()})")

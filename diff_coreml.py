@@ -22,7 +22,7 @@ from checkpoint import CheckpointError, resolve_checkpoint
 from evaluation import (EVAL_TEXTS, Accounting, check_gates, check_output_path, format_accounting, format_gates,
                         format_metrics, format_table, gate_exit, gate_results, load_tokenizer, output_measure,
                         reference_model, reference_outputs, residual_peaks, tokenize, valid_rows, write_json)
-from mlpackage import BACKENDS, PackageRunner, input_lengths, read_metadata
+from mlpackage import BACKENDS, PackageRunner, check_token_ids, input_lengths, read_metadata
 from model import FLOAT16_MAX, MASK_FILL, POOLED_TASKS, ActivationProbe, ModernBert, ModernBertConfig
 from report import check_report_folder, write_report
 from user_errors import UserError, run_cli
@@ -159,11 +159,15 @@ def write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics,
                  force=args.force)
 
 
+def check_outputs(args, inputs) -> None:
+    check_output_path(args.json, args.force, inside=inputs, script="diff_coreml")
+    check_output_path(args.report, args.force, inside=inputs, folder=True)
+    check_report_folder(args.report, args.force)
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
-    check_output_path(args.json, args.force, inside=[args.package, args.model])
-    check_output_path(args.report, args.force, inside=[args.package, args.model], folder=True)
-    check_report_folder(args.report, args.force)
+    check_outputs(args, [args.package, args.model, args.tokenizer])
     meta = read_metadata(args.package, args.function)
     lengths = input_lengths(args.package, meta["function"])
     task = meta["task"]
@@ -179,8 +183,12 @@ def main(argv) -> int:
         raise CheckpointError(f"{e} (the checkpoint {args.package} was converted from, by its metadata); "
                               f"pass --model with its folder") from e
     check_model_matches(meta, ModernBertConfig.from_dict(ckpt.config), source, args.package)
-    tokenizer = load_tokenizer(args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root)
+    tokenizer_source = args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root
+    check_outputs(args, [args.package, *ckpt.input_paths(), tokenizer_source])    # every input, now known
+    tokenizer = load_tokenizer(tokenizer_source)
     ref_model = reference_model(ckpt, task)
+    check_token_ids([tokenizer(t)["input_ids"] for t in EVAL_TEXTS], meta.get("vocab_size"), args.package,
+                    lambda i: f"evaluation text {i + 1}")                # another --tokenizer's ids: refused
     backend_name = "Core ML (CPU and Neural Engine)" if runner.backend == "coreml" else "the float16 emulator"
     print(f"running {args.package} with {backend_name}", file=sys.stderr)   # the input read: no more bad-input errors
     output_name = meta.get("output", "logits")
@@ -234,7 +242,8 @@ def main(argv) -> int:
     if args.json:
         write_json(args.json, {**metrics, "package": str(args.package), "model": source,
                                "function": meta["function"], "task": task, "texts": rows,
-                               "largest_ops": watch.largest() if watch else [], "gates": gates})
+                               "largest_ops": watch.largest() if watch else [], "gates": gates},
+                   force=args.force, script="diff_coreml")
         print(f"\nwrote {args.json}")
     if args.report:
         tokens = sum(int(row["tokens"]) for row in rows)

@@ -23,7 +23,7 @@ from evaluation import (EVAL_TEXTS, Accounting, check_gates, check_output_path, 
                         format_gates, format_metrics, format_table, gate_exit, gate_results, load_tokenizer,
                         merge_compare_rows, output_measure, overflow_metrics, reference_model, reference_outputs,
                         residual_peaks, tokenize, valid_rows, write_json)
-from checkpoint import DEFAULT_MODEL
+from checkpoint import DEFAULT_MODEL, check_rotation, resolve_checkpoint
 from model import POOLED_TASKS, TASKS, ActivationProbe, ModernBert
 from report import check_report_folder, write_report
 from rotations import ROTATION_KINDS, rotate_model
@@ -185,14 +185,20 @@ def compare_batch(model, transformers_model, unrotated, ckpt, ids, mask, dtype, 
     return module_rows(model, ref, ours, mask.numpy()), layer_peaks
 
 
+def check_outputs(args, inputs) -> None:
+    check_output_path(args.json, args.force, inside=inputs, script="diff_torch")
+    check_output_path(args.report, args.force, inside=inputs, folder=True)
+    check_report_folder(args.report, args.force)
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
-    check_output_path(args.json, args.force, inside=[args.model])
-    check_output_path(args.report, args.force, inside=[args.model], folder=True)
-    check_report_folder(args.report, args.force)
+    check_outputs(args, [args.model])
     # everything that reads the user's input first, so that bad input gets one line on stderr and nothing else
-    model, ckpt = ModernBert.from_pretrained(args.model, task=args.task, revision=args.revision,
-                                             allow_pickle=args.allow_pickle)
+    ckpt = resolve_checkpoint(args.model, args.revision, args.allow_pickle)
+    check_rotation(args.rotation, ckpt.config)                        # before the weights are loaded
+    check_outputs(args, ckpt.input_paths())                           # every folder read, now that they are known
+    model = ModernBert.from_checkpoint(ckpt, args.task)
     width = model.config.num_labels if model.task in ("classify", "token-classify") else 0
     check_gates(output_measure(model.task, width), args.max_kl, args.max_score_error,
                 f"the {model.task} output of {ckpt.source}")
@@ -239,7 +245,8 @@ def main(argv) -> int:
     if args.json:
         write_json(args.json, {**metrics, "model": ckpt.source, "task": model.task, "precision": args.precision,
                                "rotation": args.rotation, "seed": args.seed, "tokens": sum(lengths),
-                               "modules": modules, "layers": layers, "texts": accounting.text_rows(), "gates": gates})
+                               "modules": modules, "layers": layers, "texts": accounting.text_rows(), "gates": gates},
+                   force=args.force, script="diff_torch")
         print(f"\nwrote {args.json}")
     if args.report:
         write_torch_report(args, argv, ckpt, model, metrics, probe, before, accounting, sum(lengths), max(lengths),

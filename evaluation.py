@@ -1,17 +1,17 @@
 """What the accuracy reports share: the evaluation texts, the transformers reference, the metrics,
 and the tables. Used by diff_torch.py and diff_coreml.py (and, for texts, by the tests)."""
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from checkpoint import Checkpoint, CheckpointError, check_weight_files, is_hub_id, read_json
+from checkpoint import (TOKENIZER_FILES, Checkpoint, CheckpointError, check_files, check_finite, check_weight_files,
+                        is_hub_id, read_json)
 from model import POOLED_TASKS
-from user_errors import UserError, writing
+from output_files import check_output, json_with_keys, write_file
+from user_errors import UserError
 
 # Short sentences and passages longer than the 128-token local window of the released checkpoints,
 # so both the global and the sliding-window layers, and padding in a batch, are exercised.
@@ -66,6 +66,8 @@ def load_tokenizer(source: str, tasks=()):
     if not Path(name).expanduser().exists() and ("/" in name or name.startswith(("~", "."))) and not is_hub_id(name):
         raise CheckpointError(f"no such tokenizer folder: {name}; pass --tokenizer with the model's tokenizer "
                               f"(a hub id or folder)")
+    if Path(name).expanduser().is_dir():
+        check_files(Path(name).expanduser(), TOKENIZER_FILES)       # confined, regular: before transformers opens them
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name)
     except Exception as e:
@@ -113,6 +115,7 @@ def reference_model(ckpt: Checkpoint, task: str):
                                           output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as e:
         raise CheckpointError(f"transformers cannot load {ckpt.path} as {classes[task]}: {e}") from e
+    check_finite(model.state_dict(), ckpt.path)                 # NaN or inf weights: refused with their name
     missing = sorted(info.get("missing_keys") or [])            # transformers would fill them with random values
     mismatched = sorted(f"{k[0]} {tuple(k[1])} (expected {tuple(k[2])})" if isinstance(k, tuple) else str(k)
                         for k in info.get("mismatched_keys") or [])
@@ -566,36 +569,23 @@ def format_gates(gates: list[dict]) -> str:
                      f"{'<=' if g['passed'] else 'exceeds'} {g['flag']} {g['limit']}" for g in gates)
 
 
-def check_output_path(path: str | None, force: bool, inside=(), folder: bool = False) -> None:
-    """Checked before any slow work: refuse to overwrite an existing output without --force, to write inside
-    one of the inputs (`inside`: the folders read), into a folder that does not exist, or (unless the
-    output is itself a folder, an .mlpackage) over a folder."""
+# What each script's --json holds: --force replaces only a file a previous run of the same script wrote.
+JSON_KEYS = {"diff_torch": ("model", "task", "precision"), "diff_coreml": ("package", "model", "task")}
+
+
+def check_output_path(path: str | None, force: bool, inside=(), folder: bool = False, script: str | None = None):
+    """Checked before any slow work (output_files.check_output's rules): refuse special files and symlinks,
+    an output inside one of the inputs (`inside`: every path read) or holding one, an existing output
+    without --force (with it, a --json of another kind), a missing or unwritable folder, and (unless the
+    output is itself a folder, a report) a folder."""
     if not path:
         return
-    target = Path(path)
-    for source in inside:
-        if source and Path(source).exists() and target.resolve().is_relative_to(Path(source).resolve()):
-            raise UserError(f"{path} is inside the input {source}; write it elsewhere")
-    if target.exists() and not force:
-        raise UserError(f"{path} exists; pass --force to overwrite it")
-    if target.is_dir() and not folder:
-        raise UserError(f"{path} is a folder; give the name of a file to write")
-    if not target.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {target.parent} does not exist")
+    ours = None if folder or script is None else json_with_keys(JSON_KEYS[script], f"a --json file of {script}.py")
+    check_output(path, force, inputs=inside, folder=folder, ours=ours)
 
 
-def write_json(path: str, data: dict) -> None:
-    """Write atomically: a temporary file beside the target, renamed over it."""
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {target.parent} does not exist")
-    with writing(path):                                         # a full disk: one line, no temporary left
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=2, sort_keys=True, allow_nan=True)
-                f.write("\n")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+def write_json(path: str, data: dict, force: bool = False, script: str | None = None) -> None:
+    """Write atomically: a temporary file beside the target, published (checked again) in its place."""
+    ours = None if script is None else json_with_keys(JSON_KEYS[script], f"a --json file of {script}.py")
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n"
+    write_file(path, text.encode("utf-8"), force, ours)

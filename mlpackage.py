@@ -5,12 +5,15 @@ prediction exists on macOS only; `PackageRunner` is the one place that chooses b
 float16 emulator (`mlprogram_emulator.py`), so the macOS path stays thin.
 """
 import json
+import os
 import platform
+import stat
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from checkpoint import CheckpointError, confined
 from quiet_coremltools import import_coremltools
 from user_errors import UserError
 
@@ -34,6 +37,7 @@ def package_spec(path):
         raise PackageError(f"no such package: {path}")
     if not path.is_dir() or not manifest.is_file():
         raise PackageError(f"{path} is not an .mlpackage (no Manifest.json)")
+    check_package_files(path)
     import_coremltools()
     from coremltools.proto import Model_pb2
     # The files are read directly: coremltools' load_spec opens a package read-write and rewrites its
@@ -46,6 +50,31 @@ def package_spec(path):
     except Exception as e:
         raise PackageError(f"cannot read {path} as a Core ML package (damaged?): {type(e).__name__}: {e}") from e
     return spec
+
+
+def check_package_files(path: Path) -> None:
+    """Everything inside a package stays inside it: no symlink leads out, and there is no FIFO, device or
+    socket where Core ML or the emulator would open a file (reading one would hang or read another file)."""
+    root = path.resolve()
+    for folder, dirs, files in os.walk(path):
+        for name in dirs + files:
+            entry = Path(folder, name)
+            if not entry.resolve().is_relative_to(root):
+                raise PackageError(f"{path} holds a link that leaves the package: {entry.relative_to(path)} -> "
+                                   f"{entry.resolve()}")
+            mode = entry.stat().st_mode if entry.exists() else 0
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise PackageError(f"{path} holds {entry.relative_to(path)}, which is not a regular file "
+                                   f"(a FIFO, device, socket or dangling link); is the package damaged?")
+
+
+def written_by_convert(path) -> bool:
+    """Whether `path` is a package a previous convert.py wrote (what `convert.py --force` may replace)."""
+    try:
+        spec = package_spec(path)
+    except UserError:
+        return False
+    return any(k.startswith(METADATA_PREFIX) for k in spec.description.metadata.userDefined)
 
 
 def write_metadata(spec, metadata: dict) -> None:
@@ -107,8 +136,79 @@ def read_metadata(path, function: str | None = None) -> dict:
         meta.update(per_function[function])
     if "task" not in meta:
         raise PackageError(f"{path} has no task for function '{function}' in its metadata")
+    meta = check_metadata(meta, path)
     meta["function"], meta["function_names"] = function, function_names(spec)
     return meta
+
+
+def _is_int(v, low: int) -> bool:
+    return type(v) is int and v >= low
+
+
+def _is_name(v) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= 4096
+
+
+def _is_lengths(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(_is_int(n, 2) for n in v)
+
+
+def _is_prompts(v) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("prompts"), dict) and
+            all(isinstance(k, str) and isinstance(t, str) for k, t in v["prompts"].items()) and
+            (v.get("default") is None or v.get("default") in v["prompts"]))
+
+
+# What our metadata holds, by key: a check of its type and range, and what it must be. Keys not listed
+# (from a newer converter) are passed through; a listed key that fails its check is a damaged package.
+METADATA_TYPES = {
+    "task": (_is_name, "a task name"), "output": (_is_name, "an output name"),
+    "source": (_is_name, "a checkpoint name"), "tokenizer": (_is_name, "a tokenizer name"),
+    "revision": (_is_name, "a revision"), "rotation": (_is_name, "a rotation name"),
+    "rotation_seed": (lambda v: _is_int(v, 0), "a non-negative integer"),
+    "seq_lengths": (_is_lengths, "a list of lengths >= 2"),
+    "hidden_size": (lambda v: _is_int(v, 1), "a positive integer"),
+    "vocab_size": (lambda v: _is_int(v, 1), "a positive integer"),
+    "embedding_dim": (lambda v: _is_int(v, 1), "a positive integer"),
+    "max_texts": (lambda v: _is_int(v, 1), "a positive integer"),
+    **{f"{t}_token_id": (lambda v: _is_int(v, 0), "a token id") for t in ("pad", "cls", "sep", "mask")},
+    "labels": (lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, (str, int, float, bool)) for x in v),
+               "a list of label names"),
+    "problem_type": (_is_name, "a problem type"), "pooling": (_is_name, "a pooling name"),
+    "normalized": (lambda v: isinstance(v, bool), "true or false"),
+    "pairs": (lambda v: isinstance(v, bool), "true or false"),
+    "prompts": (_is_prompts, "prompt names mapped to texts"),
+}
+
+
+def check_metadata(meta: dict, path) -> dict:
+    """Our metadata, each known key checked by type and range (None: absent). Label names are strings
+    whatever JSON value the checkpoint's id2label held (an integer label prints as "0")."""
+    for key, (ok, what) in METADATA_TYPES.items():
+        value = meta.get(key)
+        if value is not None and not ok(value):
+            raise PackageError(f"{path} has damaged metadata: {METADATA_PREFIX}{key} is "
+                               f"{json.dumps(value)[:80]}, not {what}")
+    if meta.get("labels") is not None:
+        meta["labels"] = [x if isinstance(x, str) else json.dumps(x) for x in meta["labels"]]
+    if meta.get("vocab_size") is not None:
+        for t in ("pad", "cls", "sep", "mask"):
+            if meta.get(f"{t}_token_id") is not None and meta[f"{t}_token_id"] >= meta["vocab_size"]:
+                raise PackageError(f"{path} has damaged metadata: {t}_token_id {meta[f'{t}_token_id']} is past "
+                                   f"its vocab_size {meta['vocab_size']}")
+    return meta
+
+
+def check_token_ids(seqs: list[list[int]], vocab_size: int | None, path, what=lambda i: f"text {i + 1}") -> None:
+    """Token ids past the package's vocabulary are undefined behaviour on Core ML (a gather out of range):
+    refused before running, naming the text and the id (a tokenizer that is not the model's)."""
+    if not vocab_size:
+        return
+    for i, seq in enumerate(seqs):
+        bad = [t for t in seq if not 0 <= t < vocab_size]
+        if bad:
+            raise UserError(f"{what(i)} has token id {bad[0]}, outside {path}'s vocabulary of {vocab_size}; "
+                            f"is --tokenizer the model's own tokenizer?")
 
 
 def input_lengths(path, function: str | None = None) -> list[int]:
@@ -127,10 +227,16 @@ def model_file(path) -> Path:
     path = Path(path)
     try:
         manifest = json.loads((path / "Manifest.json").read_text())
-        item = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]
-        return path / "Data" / item["path"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        items = {key: item["path"] for key, item in manifest["itemInfoEntries"].items()}
+        name = items[manifest["rootModelIdentifier"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise PackageError(f"{path} has a damaged Manifest.json: {type(e).__name__}: {e}") from e
+    try:
+        for item in items.values():                           # Core ML reads every item: all stay inside
+            confined(path / "Data", item, f"{path / 'Manifest.json'}: item path")
+        return confined(path / "Data", name, f"{path / 'Manifest.json'}: item path")
+    except CheckpointError as e:
+        raise PackageError(str(e)) from e
 
 
 def save_spec(path, spec) -> None:

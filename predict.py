@@ -4,12 +4,15 @@
     python predict.py classifier.mlpackage "great film" "dull film" --json
     python predict.py embedder.mlpackage "a cat on a mat" --labels animals,finance,sport
     python predict.py model.mlpackage --file texts.txt --pack          # one text per line
+    python predict.py reranker.mlpackage "a cat on a mat" --pair "where is the cat?"
+    python predict.py embedder.mlpackage "what is rope?" --prompt query
 
 Reads the package's metadata (task, tokenizer, lengths, labels) written by convert.py, tokenizes
-each text ([CLS] ... [SEP]), runs it at the smallest length the package accepts that fits (Core ML
-on macOS, the float16 emulator elsewhere) and prints, per task: the top-k tokens at every [MASK]
-(fill-mask), the labels with their probabilities (classify), a label per token (token-classify),
-the embedding and cosine similarities (embed), or the hidden states' shape and norms (encoder).
+each text ([CLS] ... [SEP]; a text pair as the tokenizer joins pairs), runs it at the smallest length
+the package accepts that fits (Core ML on macOS, the float16 emulator elsewhere) and prints, per task:
+the top-k tokens at every mask token (fill-mask), the labels with their probabilities (classify), a
+label per word of the input, found through the tokenizer's character offsets (token-classify), the
+embedding and cosine similarities (embed), or the hidden states' shape and norms (encoder).
 --pack puts several texts into one prediction (segment ids in attention_mask); results are the same.
 """
 import argparse
@@ -20,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from evaluation import load_tokenizer
-from mlpackage import (BACKENDS, OUTPUT_NAMES, PackageError, PackageRunner, input_lengths, package_inputs,
-                       read_metadata)
+from mlpackage import (BACKENDS, OUTPUT_NAMES, PackageError, PackageRunner, check_token_ids, input_lengths,
+                       package_inputs, read_metadata)
 from model import POOLED_TASKS, TASKS
 from user_errors import UserError, run_cli
 
@@ -33,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("package", help="a .mlpackage written by convert.py")
     p.add_argument("texts", nargs="*", help="texts to run (default: --file, or stdin; '-' reads stdin)")
-    p.add_argument("--file", metavar="PATH", help="read the texts from this file, one per line (blank lines skipped)")
-    p.add_argument("--top-k", type=int, default=5, metavar="K", help="fill-mask: tokens shown per [MASK] (default 5)")
+    p.add_argument("--file", metavar="PATH", help="read the texts from this file, one per line (blank lines skipped; "
+                                                  "with a classify package, a tab starts the text's pair)")
+    p.add_argument("--pair", metavar="TEXT", help="classify (rerankers, NLI): the second text of every pair")
+    p.add_argument("--prompt", metavar="NAME", help="embed: put the package's prompt NAME (from the checkpoint's "
+                                                    "sentence-transformers config) before every text")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="fill-mask: tokens shown per mask (default 5)")
     p.add_argument("--labels", metavar="A,B,C", help="embed: comma-separated label texts to rank by cosine similarity (zero-shot)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -125,10 +132,50 @@ def read_texts(args) -> list[str]:
     return texts
 
 
-def encode(tokenizer, text: str, what: str, limit: int, truncate: bool) -> list[int]:
-    """Token ids of one text ([CLS] ... [SEP]), at most `limit` of them (truncated keeping [SEP], or refused).
-    `what` names the text in messages ("text 2", "label 'sport'")."""
-    ids = list(tokenizer(text)["input_ids"])
+PAIR_SEPARATOR = "\t"                           # a line "text<TAB>pair" of --file or stdin
+
+
+def split_pairs(texts: list[str], pair: str | None, task: str) -> tuple[list[str], list[str | None]]:
+    """(first texts, their pairs or None): --pair pairs every text with one text, a tab in a line gives that
+    line its own pair. Only classify packages (rerankers, NLI) read pairs."""
+    has_tabs = any(PAIR_SEPARATOR in t for t in texts)
+    if pair is None and not has_tabs:
+        return texts, [None] * len(texts)
+    if task != "classify":
+        what = "--pair" if pair is not None else "a tab in a text (the start of its pair)"
+        raise UserError(f"{what} needs a classify package (a reranker or NLI head reads text pairs); this one is {task}")
+    if pair is not None and not pair.strip():
+        raise UserError("--pair is empty; give the second text of the pairs")
+    firsts, pairs = [], []
+    for i, text in enumerate(texts):
+        first, tab, second = text.partition(PAIR_SEPARATOR)
+        if tab and pair is not None:
+            raise UserError(f"text {i + 1} has its own pair after a tab, and --pair gives another; use one of them")
+        second = second if tab else pair
+        if not first.strip() or (second is not None and not second.strip()):
+            raise UserError(f"text {i + 1}: {'its pair' if first.strip() else 'its first text'} is empty")
+        firsts.append(first)
+        pairs.append(second)
+    return firsts, pairs
+
+
+def apply_prompt(texts: list[str], name: str | None, meta: dict, task: str) -> list[str]:
+    """--prompt NAME: the package's prompt put before every text (sentence-transformers' prompts)."""
+    if name is None:
+        return texts
+    prompts = (meta.get("prompts") or {}).get("prompts") or {}
+    if task != "embed" or not prompts:
+        raise UserError(f"--prompt needs an embed package converted from a sentence-transformers checkpoint "
+                        f"with prompts; this one ({task}) has none")
+    if name not in prompts:
+        raise UserError(f"the package has no prompt '{name}' (it has {', '.join(sorted(prompts))})")
+    return [prompts[name] + text for text in texts]
+
+
+def encode(tokenizer, text: str, what: str, limit: int, truncate: bool, pair: str | None = None) -> list[int]:
+    """Token ids of one text ([CLS] ... [SEP]; a pair as the tokenizer joins pairs), at most `limit` of them
+    (truncated keeping the last [SEP], or refused). `what` names the text in messages ("text 2", "label 'sport'")."""
+    ids = list(tokenizer(text, pair)["input_ids"] if pair is not None else tokenizer(text)["input_ids"])
     if len(ids) > limit:
         if not truncate:
             raise UserError(f"{what} is {len(ids)} tokens, {len(ids) - limit} too many for the package's "
@@ -147,13 +194,17 @@ def special_token_id(tokenizer, meta: dict, name: str) -> int:
     return int(token_id)
 
 
+def mask_name(tokenizer) -> str:
+    """The mask token as the tokenizer writes it ([MASK] for ModernBERT's, <mask> for a Gemma vocabulary)."""
+    return tokenizer.mask_token or "[MASK]"
+
+
 def check_masks(seqs: list[list[int]], tokenizer, meta: dict) -> None:
-    """fill-mask: every text needs a [MASK] to fill (after truncation)."""
+    """fill-mask: every text needs a mask token to fill (after truncation)."""
     mask_id = special_token_id(tokenizer, meta, "mask")
     for i, ids in enumerate(seqs):
         if mask_id not in ids:
-            raise UserError(f"text {i + 1} has no {tokenizer.mask_token or '[MASK]'} token to fill "
-                            f"(the package is fill-mask)")
+            raise UserError(f"text {i + 1} has no {mask_name(tokenizer)} token to fill (the package is fill-mask)")
 
 
 # ----------------------------------------------------------------------------- running
@@ -224,7 +275,7 @@ def fill_mask_result(rows, ids, tokenizer, mask_id: int, top_k: int) -> dict:
 
 
 def classify_result(row, meta: dict) -> dict:
-    labels = meta.get("labels") or [f"LABEL_{i}" for i in range(len(row))]
+    labels = label_names(meta, len(row))
     problem = meta.get("problem_type") or "single_label_classification"
     row = np.asarray(row, dtype=np.float64)
     if problem == "regression":
@@ -238,18 +289,68 @@ def classify_result(row, meta: dict) -> dict:
             "labels": [{"label": labels[i], "score": float(scores[i])} for i in order]}
 
 
-def token_classify_result(rows, ids, tokenizer, meta: dict) -> dict:
-    names = meta.get("labels") or [f"LABEL_{i}" for i in range(rows.shape[-1])]
-    special = set(tokenizer.all_special_ids)
-    tokens = tokenizer.convert_ids_to_tokens(ids)
+def label_names(meta: dict, n: int) -> list[str]:
+    """The package's label names (strings, whatever id2label held), LABEL_i where it has none."""
+    labels = meta.get("labels")
+    if labels is not None and len(labels) != n:
+        raise PackageError(f"the package names {len(labels)} labels for {n} outputs; is its metadata damaged?")
+    return labels or [f"LABEL_{i}" for i in range(n)]
+
+
+def token_spans(tokenizer, text: str, ids: list[int]) -> list[tuple[int, int, int | None] | None]:
+    """Per token: (start, end, word) in `text` characters (None for special tokens). Words and spans come
+    from the tokenizer's offsets (fast tokenizers: byte-level BPE, WordPiece, Unigram alike); a tokenizer
+    without offsets gets each token's decoded text, found in order in `text` (tokens it cannot place: None)."""
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}     # an unknown token is still input text
+    n = len(ids)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, return_offsets_mapping=True)
+        offsets, words = enc["offset_mapping"], enc.word_ids()
+        last = len(offsets) - 1                                       # a truncated text kept its final [SEP]
+        source = list(range(n - 1)) + [last] if n < len(offsets) else range(n)
+        spans = []
+        for i, j in enumerate(source):
+            start, end = offsets[j]
+            while start < end and text[start].isspace():              # byte-level BPE counts the leading space
+                start += 1
+            spans.append(None if ids[i] in special or start >= end else (start, end, words[j]))
+        return spans
+    spans, cursor, folded = [], 0, text.lower()
+    for i, token_id in enumerate(ids):                    # a token's text: what it adds to the decoded prefix
+        ordinary = [t for t in ids[:i] if t not in special]
+        piece = "" if token_id in special else tokenizer.decode(ordinary + [token_id])[
+            len(tokenizer.decode(ordinary)):].strip()
+        start = folded.find(piece.lower(), cursor) if piece else -1
+        spans.append(None if start < 0 else (start, start + len(piece), None))
+        cursor = start + len(piece) if start >= 0 else cursor
+    return spans
+
+
+def token_classify_result(rows, ids, tokenizer, meta: dict, text: str) -> dict:
+    """Per token (its text span, not the tokenizer's piece such as 'Ġ' or 'Ã©') and per word (the label of
+    its first token, as token-classification training labels words)."""
+    names = label_names(meta, rows.shape[-1])
     probs = softmax(rows)
-    out = []
-    for i, (token_id, token) in enumerate(zip(ids, tokens)):
-        if token_id in special:
+    tokens, words = [], []
+    for i, span in enumerate(token_spans(tokenizer, text, ids)):
+        if span is None:
             continue
+        start, end, word = span
         best = int(np.argmax(probs[i]))
-        out.append({"position": i, "token": token, "label": names[best], "score": float(probs[i, best])})
-    return {"tokens": out}
+        token = {"position": i, "token": text[start:end], "start": start, "end": end, "label": names[best],
+                 "score": float(probs[i, best])}
+        tokens.append(token)
+        continues = words and (word is not None and word == words[-1]["word_id"] or
+                               word is None and start == words[-1]["end"])
+        if continues:
+            words[-1].update(end=end, word=text[words[-1]["start"]:end])
+            words[-1]["positions"].append(i)
+        else:
+            words.append({"word": text[start:end], "start": start, "end": end, "label": token["label"],
+                          "score": token["score"], "positions": [i], "word_id": word})
+    for w in words:
+        del w["word_id"]
+    return {"tokens": tokens, "words": words}
 
 
 def encoder_result(rows, full: bool) -> dict:
@@ -282,14 +383,14 @@ def zero_shot(text_rows: np.ndarray, label_rows: np.ndarray, labels: list[str]) 
     return [[{"label": labels[j], "cosine": float(row[j])} for j in np.argsort(-row, kind="stable")] for row in sims]
 
 
-def task_result(task: str, rows, ids, tokenizer, meta: dict, args) -> dict:
+def task_result(task: str, rows, ids, tokenizer, meta: dict, args, text: str) -> dict:
     """What one text's output means, for its task (JSON-ready)."""
     if task == "fill-mask":
         return fill_mask_result(rows, ids, tokenizer, special_token_id(tokenizer, meta, "mask"), args.top_k)
     if task == "classify":
         return classify_result(rows, meta)
     if task == "token-classify":
-        return token_classify_result(rows, ids, tokenizer, meta)
+        return token_classify_result(rows, ids, tokenizer, meta, text)
     if task == "encoder":
         return encoder_result(rows, args.json)
     return embed_result(rows, args.json)
@@ -309,24 +410,25 @@ def add_similarities(doc: dict, rows: np.ndarray, labels: list[str] | None) -> N
 
 # ----------------------------------------------------------------------------- output
 
-def format_text(result: dict, index: int, task: str) -> str:
-    """The human-readable block of one text."""
-    lines = [f"[{index + 1}] {result['text']}", f"    ({result['num_tokens']} tokens, length {result['length']})"]
+def format_text(result: dict, index: int, task: str, mask: str = "[MASK]") -> str:
+    """The human-readable block of one text (`mask`: the tokenizer's mask token)."""
+    pair = f"  |  {result['pair']}" if result.get("pair") is not None else ""
+    lines = [f"[{index + 1}] {result['text']}{pair}", f"    ({result['num_tokens']} tokens, length {result['length']})"]
     if task == "fill-mask":
-        for mask in result["masks"]:
-            lines.append(f"    [MASK] at token {mask['position']}:")
+        for masked in result["masks"]:
+            lines.append(f"    {mask} at token {masked['position']}:")
             lines += [f"      {p['probability']:.4f}  {json.dumps(p['token'], ensure_ascii=False)}"
-                      for p in mask["predictions"]]
+                      for p in masked["predictions"]]
     elif task == "classify":
         width = max(len(l["label"]) for l in result["labels"])
         what = "value" if result["problem_type"] == "regression" else "probability"
         lines.append(f"    {'label'.ljust(width)}  {what}")
         lines += [f"    {l['label'].ljust(width)}  {l['score']:.4f}" for l in result["labels"]]
     elif task == "token-classify":
-        width = max([len(t["token"]) for t in result["tokens"]] + [5])
-        label_width = max([len(t["label"]) for t in result["tokens"]] + [5])
-        lines += [f"    {t['token'].ljust(width)}  {t['label'].ljust(label_width)}  {t['score']:.4f}"
-                  for t in result["tokens"]]
+        width = max([len(w["word"]) for w in result["words"]] + [5])
+        label_width = max([len(w["label"]) for w in result["words"]] + [5])
+        lines += [f"    {w['word'].ljust(width)}  {w['label'].ljust(label_width)}  {w['score']:.4f}"
+                  for w in result["words"]]
     elif task == "encoder":
         norms = result["norms"]
         more = f" (first {SHOW_TOKENS} of {len(norms)}; --json for all)" if len(norms) > SHOW_TOKENS else ""
@@ -363,16 +465,20 @@ def main(argv) -> int:
     task = meta["task"]
     labels = parse_labels(args.labels, task)
     max_texts = max_texts_per_prediction(meta, args.pack)
-    texts = read_texts(args)
+    texts, pairs = split_pairs(read_texts(args), args.pair, task)
+    inputs = apply_prompt(texts, args.prompt, meta, task)
     source = args.tokenizer or meta.get("tokenizer")
     if not source:
         raise UserError("the package names no tokenizer; pass --tokenizer ID_OR_FOLDER")
     tokenizer = load_tokenizer(source)
     lengths = input_lengths(args.package, meta["function"])
-    seqs = [encode(tokenizer, text, f"text {i + 1}", lengths[-1], args.truncate) for i, text in enumerate(texts)]
+    seqs = [encode(tokenizer, text, f"text {i + 1}", lengths[-1], args.truncate, pair)
+            for i, (text, pair) in enumerate(zip(inputs, pairs))]
+    label_seqs = [encode(tokenizer, label, f"label '{label}'", lengths[-1], args.truncate) for label in labels or []]
+    check_token_ids(seqs, meta.get("vocab_size"), args.package)
+    check_token_ids(label_seqs, meta.get("vocab_size"), args.package, lambda i: f"label '{labels[i]}'")
     if task == "fill-mask":
         check_masks(seqs, tokenizer, meta)
-    label_seqs = [encode(tokenizer, label, f"label '{label}'", lengths[-1], args.truncate) for label in labels or []]
     pad_id = special_token_id(tokenizer, meta, "pad")
 
     runner = PackageRunner(args.package, args.backend, function=meta["function"])
@@ -381,9 +487,10 @@ def main(argv) -> int:
     print(f"backend: {'Core ML' if runner.backend == 'coreml' else 'float16 emulator'} "
           f"({ran} in {plural(predictions, 'prediction')})", file=sys.stderr)
 
-    results = [{"text": text, "num_tokens": len(ids), "length": out["length"],
-                **task_result(task, out["rows"], ids, tokenizer, meta, args)}
-               for text, ids, out in zip(texts, seqs, outs)]
+    results = [{"text": text, **({"pair": pair} if pair is not None else {}),
+                **({"prompt": args.prompt} if args.prompt else {}), "num_tokens": len(ids), "length": out["length"],
+                **task_result(task, out["rows"], ids, tokenizer, meta, args, tokenized)}
+               for text, tokenized, pair, ids, out in zip(texts, inputs, pairs, seqs, outs)]
     doc = {"package": str(args.package), "function": meta["function"], "task": task, "backend": runner.backend,
            "predictions": predictions, "results": results}
     if task == "embed":
@@ -392,7 +499,7 @@ def main(argv) -> int:
     if args.json:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
     else:
-        print("\n".join(format_text(r, i, task) for i, r in enumerate(results)))
+        print("\n".join(format_text(r, i, task, mask_name(tokenizer)) for i, r in enumerate(results)))
         if "similarity" in doc:
             print(format_similarity(doc["similarity"]))
     return 0

@@ -4,11 +4,14 @@ Bad input is answered with one line on stderr and a non-zero exit, never a trace
 `--debug` anywhere on the command line shows the traceback instead. A write that runs out of room
 (a full disk, a quota, a file-size limit) is bad luck rather than a bug: `writing(target)` turns it
 into one line naming what was being written; `run_cli` says the same of stdout, and stops quietly
-(exit 141) when stdout's reader went away.
+(exit 141) when stdout's reader went away. SIGTERM unwinds like Ctrl-C (temporary folders are removed)
+and exits 143.
 """
 import errno
 import os
+import signal
 import sys
+import threading
 import tempfile
 from contextlib import contextmanager
 
@@ -20,6 +23,16 @@ class UserError(Exception):
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_BROKEN_PIPE = 128 + 13                    # what a shell reports for a tool stopped by SIGPIPE
+EXIT_TERMINATED = 128 + 15                     # ... and for one stopped by SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that its cleanup (`finally`, context managers) runs as for
+    Ctrl-C instead of the process vanishing with its temporary folders left behind."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def one_line(message: str) -> str:
@@ -56,8 +69,18 @@ def writing(target):
 
 
 def run_cli(main, argv=None) -> None:
-    """Run `main(argv)` and turn failures into one line on stderr and an exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run `main(argv)` and turn failures into one line on stderr and an exit code. SIGTERM raises
+    Terminated while `main` runs (the caller's handler is put back after: tests run CLIs in process)."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main_thread else None
+    try:
+        _run_cli(main, list(sys.argv[1:] if argv is None else argv))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_cli(main, argv: list) -> None:
     debug = "--debug" in argv
     try:
         code = main(argv)
@@ -71,6 +94,9 @@ def run_cli(main, argv=None) -> None:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        sys.exit(EXIT_TERMINATED)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -2,6 +2,7 @@
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,11 @@ def test_existing_output_is_kept_without_force(checkpoint_factory, tmp_path, cap
     (out / "marker").write_text("mine")
     code, err = run_convert([checkpoint_factory("tiny"), "--seq-len", SHORT, "-o", out], capsys)
     assert code == 2 and "--force" in err and (out / "marker").read_text() == "mine"
+    code, err = run_convert([checkpoint_factory("tiny"), "--seq-len", SHORT, "-o", out, "--force"], capsys)
+    assert code == 2 and "not a package written by convert.py" in err and (out / "marker").read_text() == "mine"
+    shutil.rmtree(out)                                                         # --force replaces only our package
+    assert run_convert([checkpoint_factory("tiny"), "--seq-len", SHORT, "-o", out, "--skip-check"])[0] == 0
+    (out / "marker").write_text("mine")
     code, _ = run_convert([checkpoint_factory("tiny"), "--seq-len", SHORT, "-o", out, "--force", "--skip-check"])
     assert code == 0 and not (out / "marker").exists() and (out / "Manifest.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["kept.mlpackage"]            # no temporary left behind

@@ -3,7 +3,12 @@
 A table of cases (CLI, argv, exit code, expected words) feeds convert.py, predict.py, diff_torch.py and
 diff_coreml.py bad input as a user would: missing, unreadable, foreign or damaged checkpoints, packages,
 tokenizers and text files; text too long, empty or not UTF-8; outputs inside the input or already there;
-a full disk. Each case checks the exit code, that stderr holds exactly one line, the `error:` line with the
+a full disk. Issue 14's classes: outputs that are symlinks, devices, FIFOs or sockets, --force over what is
+not ours, outputs holding an input or inside any input (tokenizer, the checkpoint a package names), an
+unwritable or full folder found before the work; paths inside inputs that leave them (manifest items,
+shard names, module paths, symlinks) and special files where a file is read; config.json lying about
+types and sizes (checked before allocation), non-finite weights, a hidden size without a Hadamard
+matrix; package metadata of the wrong type, token ids outside the package's vocabulary. Each case checks the exit code, that stderr holds exactly one line, the `error:` line with the
 expected words (a full disk, found after the work started, may follow the CLI's progress lines), no
 traceback, and that no file in the
 inputs, the case's folder (its working directory and outputs) or its TMPDIR was created, changed or
@@ -366,7 +371,80 @@ def build_inputs(folder: Path, good_checkpoint: Path) -> SimpleNamespace:
     make_unreadable(i.texts_unreadable)
     i.texts_fifo = folder / "texts.fifo"
     os.mkfifo(i.texts_fifo)
+    build_confinement_inputs(folder, i)
+    build_config_inputs(folder, i)
     return i
+
+
+def replace_with_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def replace_with_link(path: Path, target: Path) -> None:
+    path.unlink()
+    path.symlink_to(target)
+
+
+def modules_json(folder: Path, transformer_path: str, pooling_path: str) -> None:
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": transformer_path, "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": pooling_path, "type": "sentence_transformers.models.Pooling"}]))
+
+
+def build_confinement_inputs(folder: Path, i: SimpleNamespace) -> None:
+    """Inputs naming paths outside themselves (absolute, `..`, symlinks out) and special files where a
+    file is expected (each would hang or read another file if opened)."""
+    i.tok_good = tokenizer_folder(i.ckpt, folder / "tok-good")
+    i.tok_fifo = tokenizer_folder(i.ckpt, folder / "tok-fifo")
+    replace_with_fifo(i.tok_fifo / "tokenizer.json")
+    i.tok_link_out = tokenizer_folder(i.ckpt, folder / "tok-link-out")
+    replace_with_link(i.tok_link_out / "tokenizer.json", i.tok_good / "tokenizer.json")
+    i.ckpt_config_fifo = copy_checkpoint(i.ckpt, folder / "ckpt-config-fifo")
+    replace_with_fifo(i.ckpt_config_fifo / "config.json")
+    i.ckpt_weights_fifo = copy_checkpoint(i.ckpt, folder / "ckpt-weights-fifo")
+    replace_with_fifo(i.ckpt_weights_fifo / "model.safetensors")
+    i.ckpt_weights_link = copy_checkpoint(i.ckpt, folder / "ckpt-weights-link")
+    replace_with_link(i.ckpt_weights_link / "model.safetensors", Path("..", "ckpt", "model.safetensors"))
+    for name, shard in (("dotdot", "../ckpt/model.safetensors"), ("absolute", str(i.ckpt / "model.safetensors"))):
+        ckpt = copy_checkpoint(i.ckpt, folder / f"ckpt-shard-{name}")
+        (ckpt / "model.safetensors").unlink()
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {"model.embeddings.tok_embeddings.weight": shard}}))
+        setattr(i, f"ckpt_shard_{name}", ckpt)
+    for name, transformer, pooling in (("module-absolute", "", "/etc"), ("module-dotdot", "", "../ckpt"),
+                                       ("transformer-dotdot", "../ckpt", "1_Pooling")):
+        ckpt = copy_checkpoint(i.ckpt, folder / f"st-{name}")
+        modules_json(ckpt, transformer, pooling)
+        setattr(i, "st_" + name.replace("-", "_"), ckpt)
+
+
+def build_config_inputs(folder: Path, i: SimpleNamespace) -> None:
+    """config.json lying about sizes and types (checked before anything is allocated), non-finite weights."""
+    import torch
+    edits = {
+        "layers_1e9": lambda c: (c.update(num_hidden_layers=10 ** 9), c.pop("layer_types")),
+        "vocab_6e7": lambda c: c.update(vocab_size=60_000_000),
+        "hidden_float": lambda c: c.update(hidden_size=64.0),
+        "heads_negative": lambda c: c.update(num_attention_heads=-4),
+        "heads_5": lambda c: c.update(num_attention_heads=5),
+        "window_1": lambda c: c.update(local_attention=1),
+        "activation": lambda c: c.update(hidden_activation="tanhh"),
+        "id2label_gap": lambda c: c.update(id2label={"0": "a", "5": "b"}),
+        "layer_types_string": lambda c: c.update(layer_types="full_attention"),
+    }
+    for name, edit in edits.items():
+        ckpt = copy_checkpoint(i.ckpt, folder / f"ckpt-{name.replace('_', '-')}")
+        edit_json(ckpt / "config.json", edit)
+        setattr(i, f"ckpt_{name}", ckpt)
+    i.ckpt_nan = copy_checkpoint(i.ckpt, folder / "ckpt-nan")
+    edit_weights(i.ckpt_nan, lambda t: t["model.layers.1.mlp.Wo.weight"].__setitem__((0, 0), float("nan")))
+    i.ckpt_inf = copy_checkpoint(i.ckpt, folder / "ckpt-inf")
+    edit_weights(i.ckpt_inf, lambda t: t["model.embeddings.tok_embeddings.weight"].__setitem__((3, 1), float("inf")))
+    from checkpoints import build_checkpoint                     # hidden 92: no Hadamard matrix of that order
+    build_checkpoint(folder / "ckpt-hidden-92", "tiny", config_overrides=dict(hidden_size=92, num_attention_heads=2))
+    i.ckpt_hidden_92 = folder / "ckpt-hidden-92"
+    torch.manual_seed(0)
 
 
 def build_packages(folder: Path, i: SimpleNamespace, launcher: Launcher, env: dict) -> None:
@@ -392,6 +470,21 @@ def build_packages(folder: Path, i: SimpleNamespace, launcher: Launcher, env: di
     truncate(i.pkg_weights / "Data" / "com.apple.CoreML" / "weights" / "weight.bin")
     make_unreadable(i.pkg_unreadable / model_file)
     set_package_metadata(i.pkg_moved, source=str(i.root / "moved-away"), tokenizer=str(i.root / "moved-away"))
+    weights = Path("Data", "com.apple.CoreML", "weights", "weight.bin")
+    for name in ("manifest-escape", "weights-link", "weights-fifo", "labels-bad", "vocab-bad", "lengths-bad",
+                 "prompts-bad"):
+        copies[name] = folder / f"pkg-{name}.mlpackage"
+        shutil.copytree(i.pkg, copies[name])
+        setattr(i, "pkg_" + name.replace("-", "_"), copies[name])
+    edit_json(i.pkg_manifest_escape / "Manifest.json", lambda m: [
+        item.update(path="../../ckpt/config.json") for item in m["itemInfoEntries"].values()
+        if item["path"].endswith("model.mlmodel")])
+    replace_with_link(i.pkg_weights_link / weights, i.pkg / weights)
+    replace_with_fifo(i.pkg_weights_fifo / weights)
+    set_package_metadata(i.pkg_labels_bad, labels="negative,positive")
+    set_package_metadata(i.pkg_vocab_bad, vocab_size="big")
+    set_package_metadata(i.pkg_lengths_bad, seq_lengths=[-1])
+    set_package_metadata(i.pkg_prompts_bad, prompts={"prompts": ["query"]})
 
 
 # ----------------------------------------------------------------------------- the table
@@ -613,6 +706,149 @@ CASES = [
     diff_coreml("report-is-a-file", at("pkg"), ("exists", "--force"), "--report", report_at, json_at=None,
                 setup=lambda i, d: report_at(i, d).write_text("mine")),
 ]
+
+
+# ----------------------------------------------------------------------------- output safety (issue 14)
+
+def symlink_at(path_of, target=lambda i, d: d / "elsewhere"):
+    def setup(i, d):
+        path_of(d).symlink_to(target(i, d))
+    return setup
+
+
+def fifo_at(path_of):
+    return lambda i, d: os.mkfifo(path_of(d))
+
+
+def socket_at(path_of):
+    def setup(i, d):
+        import socket
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path_of(d)))                         # the socket file stays after the close
+    return setup
+
+
+def checkpoint_inside_output(path_of):
+    """The checkpoint copied inside what will be named as the output: --force would delete it."""
+    return lambda i, d: copy_checkpoint(i.ckpt, path_of(d) / "ckpt")
+
+
+def unwritable_folder(i, d):
+    """A folder that takes no file: chmod 555, or as root (it writes anyway) /sys (sysfs refuses new files)."""
+    if AS_ROOT:
+        return Path("/sys")
+    folder = d / "read-only"
+    if not folder.exists():
+        folder.mkdir()
+        folder.chmod(0o555)
+    return folder
+
+
+NOT_OURS_PACKAGE = ("exists and is not a package written by convert.py", "--force replaces only")
+SPECIAL_OUTPUT = "outputs are written only over regular files or folders"
+DIFF_TORCH_JSON = {"model": "m", "task": "fill-mask", "precision": "float32"}
+LEAVES = "paths inside an input must stay inside it"
+NOT_REGULAR = "not a regular file"
+NON_FINITE = "holds non-finite values"
+DAMAGED_METADATA = "has damaged metadata"
+MODERNBERT_TOKENIZER = ROOT / "tests" / "data" / "modernbert-tokenizer"
+
+CASES += [
+    # output safety: special files and symlinks are never written over, --force or not
+    convert("output-is-a-symlink", at("ckpt"), ("symbolic link", SPECIAL_OUTPUT), "--force",
+            setup=lambda i, d: ((d / "elsewhere").mkdir(), out_package(d).symlink_to(d / "elsewhere"))),
+    convert("output-is-a-dangling-symlink", at("ckpt"), ("symbolic link", SPECIAL_OUTPUT),
+            setup=symlink_at(out_package)),
+    convert("output-is-a-fifo", at("ckpt"), ("FIFO", SPECIAL_OUTPUT), "--force", setup=fifo_at(out_package)),
+    diff_torch("json-is-dev-null", at("ckpt"), ("/dev/null", "a device", SPECIAL_OUTPUT), "--force",
+               json_at=lambda i, d: Path(os.devnull)),
+    diff_torch("json-is-a-symlink", at("ckpt"), ("symbolic link",), "--force",
+               setup=symlink_at(out_json, lambda i, d: i.a_file)),
+    diff_coreml("json-is-a-socket", at("pkg"), ("socket", SPECIAL_OUTPUT), "--force", setup=socket_at(out_json)),
+    diff_coreml("report-is-a-fifo", at("pkg"), ("FIFO",), "--report", report_at, "--force", json_at=None,
+                setup=fifo_at(lambda d: d / "report")),
+    # --force replaces only what a previous run of the same kind wrote
+    convert("force-over-a-foreign-folder", at("ckpt"), NOT_OURS_PACKAGE, "--force", setup=existing_package),
+    convert("force-over-a-file", at("ckpt"), NOT_OURS_PACKAGE, "--force", setup=existing_file(out_package)),
+    convert("force-over-another-package", at("ckpt"), NOT_OURS_PACKAGE, "--force",
+            setup=lambda i, d: shutil.copytree(i.pkg_foreign, out_package(d))),
+    diff_torch("force-over-a-foreign-json", at("ckpt"), ("is not a --json file of diff_torch.py",), "--force",
+               setup=existing_file(out_json)),
+    diff_coreml("force-over-a-diff-torch-json", at("pkg"), ("is not a --json file of diff_coreml.py",), "--force",
+                setup=lambda i, d: out_json(d).write_text(json.dumps(DIFF_TORCH_JSON))),
+    # no output is or holds an input, counting every input
+    convert("output-holds-the-checkpoint", lambda i, d: out_package(d) / "ckpt", ("would contain the input",),
+            "--force", setup=checkpoint_inside_output(out_package)),
+    diff_torch("report-holds-the-checkpoint", lambda i, d: report_at(i, d) / "ckpt", ("would contain the input",),
+               "--report", report_at, "--force", json_at=None, setup=checkpoint_inside_output(lambda d: d / "report")),
+    Case("convert-output-inside-the-tokenizer", "convert", lambda i, d: [
+        i.ckpt, *CONVERT, "--tokenizer", i.tok_good, "-o", i.tok_good / "x.mlpackage"], ("is inside the input",
+                                                                                         "tok-good")),
+    diff_coreml("json-inside-the-metadata-checkpoint", at("pkg"), ("is inside the input", "ckpt"),
+                json_at=lambda i, d: i.ckpt / "m.json"),
+    diff_coreml("report-inside-the-tokenizer", at("pkg"), ("is inside the input", "tok-good"), "--tokenizer",
+                at("tok_good"), "--report", lambda i, d: i.tok_good / "r", json_at=None),
+    diff_coreml("json-is-the-tokenizer-file", at("pkg"), ("is inside the input", "tok-good"), "--tokenizer",
+                at("tok_good"), "--force", json_at=lambda i, d: i.tok_good / "tokenizer.json"),
+    # an unwritable or full location, found before the work (the probe file)
+    convert("output-folder-unwritable", at("ckpt"), ("cannot write", "is not writable"), "-o",
+            lambda i, d: unwritable_folder(i, d) / "x.mlpackage"),
+    diff_torch("json-folder-unwritable", at("ckpt"), ("cannot write", "is not writable"),
+               json_at=lambda i, d: unwritable_folder(i, d) / "m.json"),
+    convert("disk-full-found-before-the-work", at("ckpt"), (NO_SPACE, "out.mlpackage"), fsize=2048, fresh=True),
+    diff_coreml("disk-full-found-before-the-work", at("pkg"), (NO_SPACE, "m.json"), fsize=2048, fresh=True),
+
+    # confinement: paths named inside an input stay inside it; special files are never opened
+    convert("module-path-absolute", at("st_module_absolute"), ("modules.json", "'/etc' leaves", LEAVES)),
+    convert("module-path-dotdot", at("st_module_dotdot"), ("modules.json", "'../ckpt' leaves", LEAVES)),
+    diff_torch("transformer-path-dotdot", at("st_transformer_dotdot"), ("'../ckpt' leaves", LEAVES)),
+    convert("shard-name-dotdot", at("ckpt_shard_dotdot"), ("model.safetensors.index.json", "leaves", LEAVES)),
+    diff_torch("shard-name-absolute", at("ckpt_shard_absolute"), ("model.safetensors.index.json", "leaves")),
+    convert("weights-link-out", at("ckpt_weights_link"), ("model.safetensors", "a link that leaves", LEAVES)),
+    convert("tokenizer-link-out", at("ckpt"), ("tokenizer.json", "a link that leaves"), "--tokenizer",
+            at("tok_link_out")),
+    predict("manifest-item-escapes", lambda i, d: [i.pkg_manifest_escape, SHORT], ("Manifest.json", "leaves", LEAVES)),
+    diff_coreml("manifest-item-escapes", at("pkg_manifest_escape"), ("Manifest.json", "leaves")),
+    predict("weights-link-out", lambda i, d: [i.pkg_weights_link, SHORT], ("weight.bin", "link that leaves")),
+    predict("weights-fifo", lambda i, d: [i.pkg_weights_fifo, SHORT], ("weight.bin", NOT_REGULAR)),
+    diff_coreml("weights-fifo", at("pkg_weights_fifo"), ("weight.bin", NOT_REGULAR)),
+    convert("config-fifo", at("ckpt_config_fifo"), ("config.json", NOT_REGULAR)),
+    diff_torch("weights-fifo", at("ckpt_weights_fifo"), ("model.safetensors", NOT_REGULAR)),
+    diff_coreml("model-config-fifo", at("pkg"), ("config.json", NOT_REGULAR), "--model", at("ckpt_config_fifo")),
+    predict("tokenizer-fifo", lambda i, d: [i.pkg, SHORT, "--tokenizer", i.tok_fifo], ("tokenizer.json", NOT_REGULAR)),
+    convert("tokenizer-fifo", at("ckpt"), ("tokenizer.json", NOT_REGULAR), "--tokenizer", at("tok_fifo")),
+
+    # validation before allocation: config.json by type and range, sizes against the weights' headers
+    convert("config-billion-layers", at("ckpt_layers_1e9"), ("num_hidden_layers 1000000000", "weights for 4 layers")),
+    diff_torch("config-billion-layers", at("ckpt_layers_1e9"), ("num_hidden_layers 1000000000",)),
+    convert("config-vocab-6e7", at("ckpt_vocab_6e7"), ("60000000 x 64", "does not match the weights")),
+    diff_coreml("model-config-vocab-6e7", at("pkg"), ("60000000 x 64",), "--model", at("ckpt_vocab_6e7")),
+    convert("config-hidden-size-float", at("ckpt_hidden_float"), ("hidden_size 64.0", "must be an integer")),
+    diff_torch("config-heads-negative", at("ckpt_heads_negative"), ("num_attention_heads -4", "must be an integer >= 1")),
+    convert("config-heads-not-dividing", at("ckpt_heads_5"), ("hidden_size 64 does not split into 5 heads",)),
+    convert("config-window-1", at("ckpt_window_1"), ("local_attention 1", ">= 2")),
+    diff_torch("config-unknown-activation", at("ckpt_activation"), ("activation 'tanhh' is not supported",)),
+    convert("config-id2label-gap", at("ckpt_id2label_gap"), ("id2label keys must be 0..n-1",)),
+    convert("config-layer-types-string", at("ckpt_layer_types_string"), ("layer_types must list 4 entries",)),
+    convert("weights-nan", at("ckpt_nan"), ("model.layers.1.mlp.Wo.weight", NON_FINITE)),
+    diff_torch("weights-inf", at("ckpt_inf"), ("model.embeddings.tok_embeddings.weight", NON_FINITE)),
+    diff_coreml("model-weights-nan", at("pkg"), ("model.layers.1.mlp.Wo.weight", NON_FINITE), "--model", at("ckpt_nan")),
+    convert("no-hadamard-of-the-hidden-size", at("ckpt_hidden_92"), ("no Hadamard matrix of order 92",
+                                                                     "--rotation random", "--rotation none"),
+            "--rotation", "hadamard"),
+    diff_torch("no-hadamard-of-the-hidden-size", at("ckpt_hidden_92"), ("no Hadamard matrix of order 92",),
+               "--rotation", "hadamard"),
+    # package metadata by type; token ids against the package's vocabulary
+    predict("metadata-labels-not-a-list", lambda i, d: [i.pkg_labels_bad, SHORT], (DAMAGED_METADATA, "labels")),
+    predict("metadata-vocab-not-an-integer", lambda i, d: [i.pkg_vocab_bad, SHORT], (DAMAGED_METADATA, "vocab_size")),
+    diff_coreml("metadata-lengths-negative", at("pkg_lengths_bad"), (DAMAGED_METADATA, "seq_lengths")),
+    diff_coreml("token-ids-outside-the-vocabulary", at("pkg"), ("evaluation text 1 has token id", "outside"),
+                "--tokenizer", MODERNBERT_TOKENIZER),
+    predict("metadata-prompts-not-a-mapping", lambda i, d: [i.pkg_prompts_bad, SHORT], (DAMAGED_METADATA, "prompts")),
+    predict("token-ids-outside-the-vocabulary", lambda i, d: [i.pkg, "the capital of france is [MASK].",
+                                                              "--tokenizer", MODERNBERT_TOKENIZER],
+            ("text 1 has token id", "outside", "vocabulary of", "--tokenizer")),
+]
 DEBUG_CASES = ["predict-file-not-utf8", "diff_torch-truncated-weights"]     # again with --debug: a traceback
 
 
@@ -740,6 +976,15 @@ def test_every_cli_meets_every_kind_of_hostile_input():
                       ("diff_coreml", "model-missing-keys"), ("diff_coreml", "disk-full"),
                       ("diff_coreml", "json-inside"), ("diff_coreml", "json-exists")]:
         assert any(c.cli == cli and kind in c.id for c in CASES), (cli, kind)
+    # issue 14's classes, each with cases on several CLIs
+    classes = {"special output": ["symlink", "fifo", "socket", "dev-null"], "force only over ours": ["force-over"],
+               "output and inputs apart": ["inside", "holds-the"], "found before the work": ["unwritable", "before-the-work"],
+               "confinement": ["dotdot", "absolute", "link-out", "escapes"], "special input": ["fifo"],
+               "config before allocation": ["config-billion-layers", "config-vocab-6e7", "config-"],
+               "non-finite": ["weights-nan", "weights-inf"], "hadamard": ["no-hadamard"], "metadata": ["metadata-"]}
+    for name, words in classes.items():
+        clis = {c.cli for c in CASES if any(w in c.id for w in words)}
+        assert len(clis) >= 2, (name, clis)
 
 
 def test_snapshot_sees_every_change(tmp_path):

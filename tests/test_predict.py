@@ -6,6 +6,7 @@ the float16 emulator."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,11 @@ def assert_one_line_error(code, err, message):
     assert code == 2, err
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
+
+
+def assert_error(argv, capsys, message):
+    code, _, err = run_main(argv, capsys)
+    assert_one_line_error(code, err, message)
 
 
 def tokenizer_of(folder):
@@ -201,7 +207,8 @@ def test_token_classify_labels_every_ordinary_token(packages, capsys):
     tokens = doc["results"][0]["tokens"]
     ordinary = [i for i, t in enumerate(ids) if t not in tokenizer.all_special_ids]
     assert [t["position"] for t in tokens] == ordinary
-    assert [t["token"] for t in tokens] == tokenizer.convert_ids_to_tokens([ids[i] for i in ordinary])
+    assert [t["token"] for t in tokens] == [text[t["start"]:t["end"]] for t in tokens]
+    assert [t["token"] for t in tokens] == [tokenizer.decode([ids[i]]).removeprefix("##") for i in ordinary]
     ref = transformers.ModernBertForTokenClassification.from_pretrained(str(folder)).eval()
     with torch.no_grad():
         probs = torch.softmax(ref(**tokenizer(text, return_tensors="pt")).logits[0].double(), -1)
@@ -211,7 +218,7 @@ def test_token_classify_labels_every_ordinary_token(packages, capsys):
             assert t["label"] == ref.config.id2label[int(probs[t["position"]].argmax())]
     code, out, _ = run_main([str(package), text], capsys)
     lines = out.splitlines()[2:]
-    assert code == 0 and len(lines) == len(ordinary)
+    assert code == 0 and len(lines) == len(doc["results"][0]["words"])
     assert all(line.split()[1] in ("O", "B-ENT", "I-ENT") for line in lines)
 
 
@@ -452,3 +459,202 @@ def test_stdout_full_or_closed(packages):
     finally:
         os.close(write_end)
     assert result.returncode == 141 and "error" not in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- checkpoints shaped like the released ones
+
+MODERNBERT_TOKENIZER = ROOT / "tests" / "data" / "modernbert-tokenizer"      # the released byte-level BPE tokenizer
+MODERNBERT_IDS = dict(vocab_size=50368, pad_token_id=50283, cls_token_id=50281, sep_token_id=50282,
+                      bos_token_id=50281, eos_token_id=50282)
+ACCENTED = "Café déjà vu in Zürich, naïve!"
+
+
+def with_modernbert_tokenizer(folder):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(MODERNBERT_TOKENIZER / name, folder / name)
+    return folder
+
+
+def convert_to(folder, output, *extra):
+    argv = [str(folder), "--seq-len", "32", "--skip-check", "-o", str(output), *extra]
+    with pytest.raises(SystemExit) as e:
+        run_cli(convert.main, argv)
+    assert e.value.code == 0, f"convert.py {' '.join(argv)} failed"
+    return output
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """released(kind) -> (package, checkpoint folder): tiny checkpoints laid out like the released fine-tunes,
+    converted once. "ner": a token classifier with the ModernBERT tokenizer and integer id2label values;
+    "nli": a pair classifier (entailment / not_entailment) with the ModernBERT tokenizer; "embed-prompts": a
+    sentence-transformers embedder declaring query/document prompts."""
+    from checkpoints import build_checkpoint
+    root, built = tmp_path_factory.mktemp("released"), {}
+
+    def make(kind):
+        if kind in built:
+            return built[kind]
+        folder = root / kind
+        if kind == "embed-prompts":
+            build_sentence_transformers(folder, "tiny", "mean", None, True)
+            (folder / "config_sentence_transformers.json").write_text(json.dumps({
+                "prompts": {"query": "search_query: ", "document": "search_document: "},
+                "default_prompt_name": None}))
+        else:
+            task = "token-classify" if kind == "ner" else "classify"
+            build_checkpoint(folder, "tiny", task, config_overrides=MODERNBERT_IDS)
+            with_modernbert_tokenizer(folder)
+            config = json.loads((folder / "config.json").read_text())
+            if kind == "ner":
+                config.update(id2label={"0": 0, "1": 1, "2": 2}, label2id={"0": 0, "1": 1, "2": 2})
+            else:
+                config.update(id2label={"0": "entailment", "1": "not_entailment"},
+                              label2id={"entailment": 0, "not_entailment": 1}, num_labels=2)
+                from safetensors.torch import load_file, save_file                  # a 2-label head
+                tensors = load_file(str(folder / "model.safetensors"))
+                for key in ("classifier.weight", "classifier.bias"):
+                    tensors[key] = tensors[key][:2].contiguous()
+                save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+            (folder / "config.json").write_text(json.dumps(config))
+        built[kind] = (convert_to(folder, root / f"{kind}.mlpackage"), folder)
+        return built[kind]
+
+    return make
+
+
+def test_integer_id2label_values_print_as_strings(released, capsys):
+    package, _ = released("ner")
+    doc = run_json([str(package), ACCENTED], capsys)
+    assert {t["label"] for t in doc["results"][0]["tokens"]} <= {"0", "1", "2"}
+    code, out, err = run_main([str(package), ACCENTED], capsys)
+    assert code == 0, err
+    from mlpackage import read_metadata
+    assert read_metadata(package)["labels"] == ["0", "1", "2"]
+
+
+def test_token_classify_prints_words_of_the_input_not_bpe_pieces(released, capsys):
+    package, folder = released("ner")
+    doc = run_json([str(package), ACCENTED], capsys)
+    result = doc["results"][0]
+    words = [w["word"] for w in result["words"]]
+    assert words == ["Café", "déjà", "vu", "in", "Zürich", ",", "naïve", "!"]
+    for item in result["words"] + result["tokens"]:
+        text = item.get("word", item.get("token"))
+        assert ACCENTED[item["start"]:item["end"]] == text and "Ġ" not in text and "Ã" not in text
+    tokenizer = tokenizer_of(folder)
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(ACCENTED)["input_ids"])
+    assert any("Ã" in p or "Ġ" in p for p in pieces)                       # what was printed before
+    positions = [p for w in result["words"] for p in w["positions"]]
+    assert positions == [t["position"] for t in result["tokens"]] == list(range(1, len(pieces) - 1))
+    for w in result["words"]:                                               # a word carries its first token's label
+        first = next(t for t in result["tokens"] if t["position"] == w["positions"][0])
+        assert (w["label"], w["score"]) == (first["label"], first["score"])
+    code, out, _ = run_main([str(package), ACCENTED], capsys)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[2:]] == words
+
+
+def test_token_classify_words_with_a_wordpiece_tokenizer(packages, capsys):
+    package, _ = packages("token-classify")
+    text = "Paris, the capital-city of France."
+    result = run_json([str(package), text], capsys)["results"][0]
+    assert [w["word"] for w in result["words"]] == ["Paris", ",", "the", "capital", "-", "city", "of", "France", "."]
+    assert all(text[w["start"]:w["end"]] == w["word"] for w in result["words"])
+
+
+def test_text_pairs_are_tokenized_as_the_tokenizer_joins_them(released, capsys, tmp_path):
+    import transformers
+    package, folder = released("nli")
+    premise, hypothesis = "A man is playing a guitar on stage.", "Someone is making music."
+    doc = run_json([str(package), premise, "--pair", hypothesis], capsys)
+    result = doc["results"][0]
+    tokenizer = tokenizer_of(folder)
+    ids = tokenizer(premise, hypothesis)["input_ids"]
+    assert ids.count(tokenizer.sep_token_id) == 2 and result["num_tokens"] == len(ids) and result["pair"] == hypothesis
+    ref = transformers.ModernBertForSequenceClassification.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        logits = ref(**tokenizer(premise, hypothesis, return_tensors="pt")).logits[0].double().numpy()
+    np.testing.assert_allclose(result["logits"], logits, atol=2e-2)
+    assert {l["label"] for l in result["labels"]} == {"entailment", "not_entailment"}
+    texts = tmp_path / "pairs.tsv"                                          # a second column: its own pair
+    texts.write_text(f"{premise}\t{hypothesis}\nA cat sleeps.\tAn animal rests.\n")
+    from_file = run_json([str(package), "--file", str(texts)], capsys)["results"]
+    assert from_file[0]["logits"] == result["logits"] and from_file[1]["pair"] == "An animal rests."
+    code, out, _ = run_main([str(package), premise, "--pair", hypothesis], capsys)
+    assert code == 0 and f"{premise}  |  {hypothesis}" in out
+
+
+def test_pairs_need_a_classify_package(packages, released, capsys):
+    package, _ = packages("fill-mask")
+    assert_error([str(package), SHORT, "--pair", "x"], capsys, "--pair needs a classify")
+    package, _ = released("nli")
+    assert_error([str(package), "a\tb", "--pair", "c"], capsys, "use one of them")
+    assert_error([str(package), "a", "--pair", " "], capsys, "--pair is empty")
+
+
+def test_sentence_transformers_prompts_are_listed_and_applied(released, capsys):
+    from mlpackage import read_metadata
+    package, _ = released("embed-prompts")
+    assert read_metadata(package)["prompts"] == {
+        "prompts": {"document": "search_document: ", "query": "search_query: "}, "default": None}
+    prompted = run_json([str(package), "what is rope?", "--prompt", "query"], capsys)["results"][0]
+    by_hand = run_json([str(package), "search_query: what is rope?"], capsys)["results"][0]
+    plain = run_json([str(package), "what is rope?"], capsys)["results"][0]
+    assert prompted["embedding"] == by_hand["embedding"] != plain["embedding"]
+    assert prompted["text"] == "what is rope?" and prompted["prompt"] == "query"
+    assert_error([str(package), "x", "--prompt", "passage"], capsys,
+                          "has no prompt 'passage' (it has document, query)")
+
+
+def test_prompts_need_a_package_with_prompts(packages, capsys):
+    package, _ = packages("embed")
+    assert_error([str(package), "x", "--prompt", "query"], capsys, "with prompts")
+
+
+def test_the_mask_token_is_named_as_the_tokenizer_names_it(packages, capsys, tmp_path):
+    """A Gemma-vocabulary variant writes its mask <mask>: every message uses the tokenizer's name."""
+    package, folder = packages("fill-mask")
+    tok = tmp_path / "tok-angle-mask"
+    tok.mkdir()
+    for file in folder.glob("*token*.json"):
+        (tok / file.name).write_text(file.read_text().replace("[MASK]", "<mask>"))
+    code, out, err = run_main([str(package), "the capital of france is <mask>.", "--tokenizer", str(tok)], capsys)
+    assert code == 0 and "<mask> at token 6:" in out and "[MASK]" not in out + err, err
+    code, _, err = run_main([str(package), "the capital of france.", "--tokenizer", str(tok)], capsys)
+    assert_one_line_error(code, err, "text 1 has no <mask> token to fill")
+
+
+def test_token_ids_are_checked_against_the_vocabulary(packages, capsys):
+    package, _ = packages("fill-mask")
+    code, _, err = run_main([str(package), "the capital of France is [MASK].", "--tokenizer",
+                             str(MODERNBERT_TOKENIZER)], capsys)
+    assert_one_line_error(code, err, "text 1 has token id 50281, outside")
+
+
+def test_metadata_is_checked_by_type_when_read(tmp_path):
+    from mlpackage import PackageError, check_metadata
+    good = {"task": "classify", "labels": ["a", 1, True], "vocab_size": 10, "pad_token_id": 3}
+    assert check_metadata(dict(good), "p")["labels"] == ["a", "1", "true"]
+    for bad in ({"labels": "a,b"}, {"labels": [{"x": 1}]}, {"seq_lengths": [0]}, {"vocab_size": 1.5},
+                {"max_texts": "2"}, {"normalized": "yes"}, {"pad_token_id": 10}, {"prompts": {"prompts": {"q": 1}}}):
+        with pytest.raises(PackageError, match="damaged metadata"):
+            check_metadata({**good, **bad}, "p")
+
+
+def test_token_spans_without_offsets():
+    """A tokenizer without offsets (a Python one): each token's decoded text is found in order in the input."""
+    from checkpoints import build_tokenizer
+    fast = build_tokenizer()
+
+    class WithoutOffsets:
+        is_fast, all_special_ids, unk_token_id = False, fast.all_special_ids, fast.unk_token_id
+
+        def decode(self, ids):
+            return fast.decode(ids)
+    text = "paris is the capital of france."
+    ids = fast(text)["input_ids"]
+    spans = predict.token_spans(WithoutOffsets(), text, ids)
+    assert spans[0] is None and spans[-1] is None                           # [CLS], [SEP]
+    pieces = [text[s:e] for s, e, _ in spans[1:-1]]
+    assert "".join(pieces) == text.replace(" ", "") and all(p.strip() == p and p for p in pieces)
+    assert [s[:2] for s in spans[1:-1]] == [s[:2] for s in predict.token_spans(fast, text, ids)[1:-1]]
