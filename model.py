@@ -139,11 +139,10 @@ class ActivationProbe:
         self.overflow: dict[str, int] = {}
 
     def record(self, name: str, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        finite = torch.isfinite(x)
-        big = int((~finite).sum()) + int((x[finite].abs() > FLOAT16_MAX).sum())
-        peak = float(x[finite].abs().max()) if bool(finite.any()) else float("inf")
-        self.max_abs[name] = max(self.max_abs.get(name, 0.0), peak if big == 0 else float("inf"))
+        a = x.detach().abs()
+        big = int((~(a <= FLOAT16_MAX)).sum())                 # one pass: inf, NaN and beyond 65504 all fail it
+        peak = float(a.max()) if big == 0 else float("inf")
+        self.max_abs[name] = max(self.max_abs.get(name, 0.0), peak)
         self.overflow[name] = self.overflow.get(name, 0) + big
 
     @property
@@ -190,12 +189,15 @@ def max_scale(x, factor: float = 1.0):
     return x.abs().amax(dim=1, keepdim=True) * factor + SAFE_TINY
 
 
-def scaled_rms(xs, m, eps: float, name: str):
-    """x / sqrt(mean(x^2) + eps) from xs = x / m with |xs| <= 1: every square <= 1 in float16. Exact in
-    real arithmetic: x / sqrt(mean(x^2) + eps) == xs / sqrt(mean(xs^2) + eps / m^2) for any m > 0."""
+def scaled_rms(x, xs, m, eps: float, name: str):
+    """x / sqrt(mean(x^2) + eps), its statistics taken from xs = x / m with |xs| <= 1: every square <= 1 in
+    float16. Exact in real arithmetic: x / sqrt(mean(x^2) + eps) == x * (rsqrt(mean(xs^2) + eps / m^2) / m)
+    for any m > 0. The output multiplies x itself by that per-token scale, not xs: beside a massive value m
+    the small components of xs are float16 subnormals (|x| / 3e4 < 6.1e-5) with a few bits left."""
     square = probe(f"{name}.square", xs * xs)                                    # (B, C, 1, S), <= 1
     eps_scaled = eps / m / m                                                     # two divisions: m*m could overflow
-    return xs * torch.rsqrt(square.mean(dim=1, keepdim=True) + eps_scaled)      # (B, C, 1, S)
+    scale = torch.rsqrt(square.mean(dim=1, keepdim=True) + eps_scaled) / m      # (B, 1, 1, S)
+    return x * scale                                                             # (B, C, 1, S)
 
 
 def l2_eps_rms(x, eps: float, name: str):
@@ -233,7 +235,8 @@ class LayerNorm(nn.Module):
             # deviation from transformers: divided by m = 2 max|x| before the mean, exact in real arithmetic
             m = max_scale(x, 2.0)                                                  # (B, 1, 1, S)
             xs = x / m                                                             # (B, C, 1, S), |xs| <= 1/2
-            out = scaled_rms(xs - xs.mean(dim=1, keepdim=True), m, self.eps, self.name)   # centred: |.| <= 1
+            mean = xs.mean(dim=1, keepdim=True)                                    # (B, 1, 1, S), its sum <= C/2
+            out = scaled_rms(x - mean * m, xs - mean, m, self.eps, self.name)      # centred: |xs - mean| <= 1
         elif self.kind == "l2eps":
             out = l2_eps_rms(x - x.mean(dim=1, keepdim=True), self.eps, self.name)
         else:
@@ -268,7 +271,7 @@ class RMSNorm(nn.Module):
             out = x * torch.rsqrt(square.mean(dim=1, keepdim=True) + self.eps)    # (B, C, 1, S)
         else:
             m = max_scale(x)                                                       # (B, 1, 1, S)
-            out = scaled_rms(x / m, m, self.eps, self.name)                        # deviation: exact, see scaled_rms
+            out = scaled_rms(x, x / m, m, self.eps, self.name)                     # deviation: exact, see scaled_rms
         return probe(self.name, out)
 
 
