@@ -34,15 +34,17 @@ def apply_strategy(model: ModernBert, rotation: str, norm: str, seed: int = 0) -
 
 
 def measure(model: ModernBert, rotation: str, norm: str, seed: int, reference: np.ndarray, input_ids,
-            attention_mask, compress=None) -> dict:
+            attention_mask, compress=None, keep_output: bool = False) -> dict:
     """One candidate on a copy of `model`: the task metrics of model.py in float16 against `reference` (the
-    float32 transformers output) and its float16 overflows. `compress(model)` simulates compressed weights."""
+    float32 transformers output) and its float16 overflows. `compress(model)` simulates compressed weights;
+    `keep_output` adds the output itself ("output")."""
     candidate = apply_strategy(copy.deepcopy(model), rotation, norm, seed)
     if compress is not None:
         compress(candidate)
     ours, probe = run_model(candidate.half(), input_ids, attention_mask, torch.float16)
     metrics = output_metrics(model.task, reference, ours["output"], attention_mask.numpy())
-    return {"rotation": rotation, "norm": norm, **metrics, **overflow_metrics(probe)}
+    row = {"rotation": rotation, "norm": norm, **metrics, **overflow_metrics(probe)}
+    return {**row, "output": ours["output"]} if keep_output else row
 
 
 def score_key(task: str):
