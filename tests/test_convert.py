@@ -392,3 +392,20 @@ def test_default_strategy_meets_the_float16_targets(checkpoint_factory, tmp_path
         results[function] = json.loads(path.read_text())
     assert results["fill_mask"]["kl_mean"] <= 2e-7 and results["fill_mask"]["overflow_count"] == 0, results["fill_mask"]
     assert results["encoder"]["cosine_min"] >= 0.999, results["encoder"]
+
+
+@pytest.mark.parametrize("mode, levels", [("int8", 255), ("palettize4", 16)])
+def test_simulated_compression_rounds_the_weights_auto_measures(checkpoint_factory, mode, levels):
+    """--rotation auto measures candidates with the weights rounded as --compress stores them: at most 255
+    int8 levels per output channel, 2^N palette entries per group of 32; the rotation's convs stay float16."""
+    from model import ModernBert
+    from rotations import rotate_model
+    model = rotate_model(ModernBert.from_pretrained(str(checkpoint_factory("tiny")))[0], "hadamard")
+    proj = model.embeddings.proj.weight.detach().clone()
+    convert.simulate_compression(model, mode, embedding_gain=1.0)
+    wi = model.layers[1].mlp.Wi.weight.detach().reshape(model.layers[1].mlp.Wi.weight.shape[0], -1)
+    rows = wi[:1] if mode == "int8" else wi[:convert.PALETTE_GROUP]
+    assert 2 < len(torch.unique(rows)) <= levels
+    assert len(torch.unique(model.embeddings.tok_embeddings.weight[:convert.PALETTE_GROUP])) <= \
+        (levels * convert.PALETTE_GROUP if mode == "int8" else levels)
+    assert torch.equal(model.embeddings.proj.weight, proj)
