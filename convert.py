@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: from the checkpoint's architectures; several make a multi-function package "
                         "(one function per task, named fill_mask, embed, ...; the encoder's weights stored once)")
     p.add_argument("--rotation", choices=("auto",) + ROTATION_KINDS, default="auto",
-                   help="orthogonal rotation fused into the weights; auto (default): measure the candidate float16 "
-                        "strategies (none or hadamard, with a safe norm) in float16 on calibration texts and "
-                        "convert the best")
+                   help="orthogonal rotation fused into the weights (identity: norms folded, stream centred, not "
+                        "rotated); auto (default): measure the candidate float16 strategies (none, identity or "
+                        "hadamard with a safe norm, none with l2eps) in float16 on the evaluation texts against "
+                        "float32 transformers and convert the best")
     p.add_argument("--norm", choices=NORM_KINDS,
                    help="form of every norm: fused (one layer_norm op; overflows with massive activations), safe "
                         "(scaled by max|x| before squaring), l2eps (L2 norm with an epsilon channel); default: "
@@ -516,7 +517,7 @@ def quiet_conversion() -> None:
 
 def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: float, steps, label: str):
     """Rotate, trace and convert one task's model; the ML Program (weights compressed if asked)."""
-    if args.rotation != "none" or args.norm_chosen:       # --rotation auto counted this step before choosing
+    if args.rotation != "none" or args.measured:       # --rotation auto counted this step before choosing
         steps.start(f"{label}rotating ({args.rotation}" + (f", seed {args.seed})" if args.rotation in SEEDED_KINDS
                                                            else ")"))
         rotate_model(model, args.rotation, args.seed)
@@ -579,7 +580,7 @@ def main(argv) -> int:
                           + (f", {args.compress} weights simulated" if args.compress != "none" else "") + "):",
                           format_strategies(rows, model.task, chosen),
                           f"chosen: rotation {args.rotation}, norm {args.norm}"]
-    args.norm, args.norm_chosen = args.norm or "safe", auto
+    args.norm, args.measured = args.norm or "safe", auto
     models, readiness, check_lines = {}, Readiness(), []
     with staging_folder(output) as staging, writing(output):          # a full disk: one line
         parts = {}
