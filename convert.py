@@ -1,10 +1,11 @@
 """Convert a ModernBERT checkpoint to a Core ML ML Program (.mlpackage, float16) for the Neural Engine.
 
-    python convert.py                                   # answerdotai/ModernBERT-base, 512 tokens, Hadamard-rotated
+    python convert.py                                   # answerdotai/ModernBERT-base, 512 tokens, float16 strategy measured
     python convert.py ./my-checkpoint --seq-len 128 512 --task classify -o classifier.mlpackage
 
 Inputs: input_ids (1, S) int32 and attention_mask (1, S) int32 (1 = token, 0 = padding); every mask
-is built inside the graph. Several --seq-len values give one package accepting each of them
+is built inside the graph. The float16 strategy (rotation and norm form) is chosen by measurement unless
+forced (--rotation auto, rotations/strategy.py). Several --seq-len values give one package accepting each of them
 (enumerated shapes, the flexible-shape kind the Neural Engine runs). After saving, the package is
 run by the float16 emulator (or Core ML on macOS) and compared with the float32 model: below the
 threshold the conversion fails and nothing is written.
@@ -26,13 +27,14 @@ import torch
 from ane_readiness import Readiness
 from checkpoint import DEFAULT_MODEL, check_rotation, read_prompts, resolve_checkpoint
 from evaluation import (COSINE_TASKS, EVAL_TEXTS, cosine_metrics, distribution_metrics, load_tokenizer,
-                        tokenize)
+                        reference_model, reference_outputs, tokenize)
 from mlpackage import (BACKENDS, OUTPUT_NAMES, PROJECT_VERSION, PackageRunner, function_description, package_inputs,
                        package_spec, save_spec, write_metadata, written_by_convert)
-from model import POOLED_TASKS, TASKS, ModernBert
+from model import NORM_KINDS, POOLED_TASKS, TASKS, ModernBert
 from output_files import Ours, check_output as check_output_file, publish, staging_folder
 from quiet_coremltools import import_coremltools
 from rotations import ROTATION_KINDS, rotate_model
+from rotations.fuse import SEEDED_KINDS
 from user_errors import UserError, run_cli, writing
 
 OUTPUT_DESCRIPTIONS = {
@@ -63,8 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, nargs="+",
                    help="default: from the checkpoint's architectures; several make a multi-function package "
                         "(one function per task, named fill_mask, embed, ...; the encoder's weights stored once)")
-    p.add_argument("--rotation", choices=ROTATION_KINDS, default="hadamard",
-                   help="orthogonal rotation fused into the weights so float16 holds the activations (default hadamard)")
+    p.add_argument("--rotation", choices=("auto",) + ROTATION_KINDS, default="auto",
+                   help="orthogonal rotation fused into the weights (identity: norms folded, stream centred, not "
+                        "rotated); auto (default): measure the candidate float16 strategies (none, identity or "
+                        "hadamard with a safe norm, none with l2eps) in float16 on the evaluation texts against "
+                        "float32 transformers and convert the best")
+    p.add_argument("--norm", choices=NORM_KINDS,
+                   help="form of every norm: fused (one layer_norm op; overflows with massive activations), safe "
+                        "(scaled by max|x| before squaring), l2eps (L2 norm with an epsilon channel); default: "
+                        "measured with --rotation auto, safe otherwise")
     p.add_argument("--seed", type=int, default=0, help="rotation seed (default 0)")
     p.add_argument("--deployment-target", choices=sorted(TARGETS), default="macOS15",
                    help="minimum OS (default macOS15 = iOS18 ops; macOS14/iOS17 only for a single --seq-len)")
@@ -82,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read pytorch_model.bin when a checkpoint has no safetensors (tensors only, weights_only=True)")
-    p.add_argument("-o", "--output", help="output .mlpackage (default: named from model, task, rotation, lengths)")
+    p.add_argument("-o", "--output", help="output .mlpackage (default: named from model, task, rotation (auto: "
+                                          "'auto', whatever was chosen), norm when given, lengths)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--check-backend", choices=BACKENDS, default="auto",
                    help="what runs the correctness check: Core ML (macOS) or the emulator (default auto)")
@@ -92,11 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_output_name(source: str, tasks: list[str], rotation: str, seed: int, lengths: list[int],
-                        compress: str = "none") -> str:
+                        compress: str = "none", norm: str | None = None) -> str:
+    """Named from the options, never from a measurement (known before any work, the same on every run):
+    --rotation auto names "auto"; --norm appears only when given."""
     slug = re.sub(r"[^\w.-]+", "-", Path(source.rstrip("/")).name) or "model"
-    seed_part = f"-seed{seed}" if rotation != "none" and seed else ""
+    seed_part = f"-seed{seed}" if rotation in SEEDED_KINDS + ("auto",) and seed else ""
+    norm_part = f"-{norm}" if norm else ""
     compress_part = "" if compress == "none" else f"-{compress}"
-    return f"{slug}-{'+'.join(tasks)}-{rotation}{seed_part}{compress_part}-{'-'.join(map(str, lengths))}.mlpackage"
+    return (f"{slug}-{'+'.join(tasks)}-{rotation}{seed_part}{norm_part}{compress_part}-"
+            f"{'-'.join(map(str, lengths))}.mlpackage")
 
 
 def function_name(task: str) -> str:
@@ -297,6 +311,59 @@ def compress_weights(mlmodel, model: ModernBert, mode: str, embedding_gain: floa
     return cto.palettize_weights(mlmodel, config)
 
 
+def simulate_compression(model: ModernBert, mode: str, embedding_gain: float) -> None:
+    """Round model.py's weights (in place) the way `--compress mode` stores them, so the float16 strategy is
+    measured with them: the weights compress_weights compresses (every conv but the rotation's two, the token
+    embeddings unless the embedding norm's weight is large), int8 per output channel, symmetric; palettes from
+    kmeans_palette per group of PALETTE_GROUP output channels (rows). A simulation of coremltools' rounding
+    (its int8 range and scales may differ in the last bit): good enough to rank strategies."""
+    weights = [m.weight for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Conv2d) and name not in ("embeddings.proj", "final_proj")]
+    if embedding_gain <= EMBEDDING_GAIN_LIMIT:
+        weights.append(model.embeddings.tok_embeddings.weight)
+    for weight in weights:
+        rows = weight.detach().reshape(weight.shape[0], -1).numpy().astype(np.float16)   # (out, in): as stored
+        weight.data = torch.from_numpy(compressed_rows(rows, mode).astype(np.float32)).reshape(weight.shape)
+
+
+def compressed_rows(rows: np.ndarray, mode: str) -> np.ndarray:
+    """(out, in) float16 weights as --compress `mode` rounds them (see simulate_compression)."""
+    if mode == "int8":
+        scale = np.abs(rows.astype(np.float32)).max(axis=1, keepdims=True) / 127
+        scale = np.where(scale > 0, scale, 1.0)
+        return np.clip(np.round(rows / scale), -127, 127) * scale
+    nbits, out = int(mode[len("palettize"):]), np.empty(rows.shape, np.float32)
+    for start in range(0, rows.shape[0], PALETTE_GROUP):
+        palette, indices = kmeans_palette(rows[start:start + PALETTE_GROUP], nbits)
+        out[start:start + PALETTE_GROUP] = palette[indices].reshape(rows[start:start + PALETTE_GROUP].shape)
+    return out
+
+
+def strategy_candidates(norm: str | None) -> list[tuple[str, str]]:
+    """What --rotation auto measures: rotations/strategy.py's candidates, or both rotations with a given --norm."""
+    from rotations.strategy import AUTO_CANDIDATES
+    return list(AUTO_CANDIDATES) if norm is None else [("none", norm), ("hadamard", norm)]
+
+
+def choose_strategy(model: ModernBert, reference_model, ckpt, tokenizer, args, lengths: list[int],
+                    embedding_gain: float):
+    """(chosen, rows): every candidate strategy measured on the evaluation texts at the package's largest
+    length (model.py float16 against `reference_model`, float32 transformers; compressed weights simulated),
+    the best chosen."""
+    from rotations import NoHadamardConstructionError, strategy
+    ids, mask = tokenize(tokenizer, EVAL_TEXTS, min(lengths[-1], model.config.max_position_embeddings))
+    reference = reference_outputs(reference_model, model.task, ids, mask, ckpt)["output"]
+    compress = None if args.compress == "none" else functools.partial(
+        simulate_compression, mode=args.compress, embedding_gain=embedding_gain)
+    rows = []
+    for rotation, norm in strategy_candidates(args.norm):
+        try:
+            rows.append(strategy.measure(model, rotation, norm, args.seed, reference, ids, mask, compress))
+        except NoHadamardConstructionError:          # a hidden size with no Hadamard construction: not a candidate
+            continue
+    return strategy.choose(rows, model.task), rows
+
+
 def task_metadata(model: ModernBert, ckpt) -> dict:
     """What a package (or one function of it) declares about its task: output, labels, pooling."""
     cfg, task = model.config, model.task
@@ -317,12 +384,15 @@ def task_metadata(model: ModernBert, ckpt) -> dict:
             "normalized": model.sentence_head.normalize if task == "embed" else None}
 
 
-def package_metadata(models: dict, ckpt, tokenizer, tokenizer_source: str, args, lengths) -> dict:
-    """The package's metadata; a multi-function package keeps the per-task part under "functions"."""
+def package_metadata(models: dict, ckpt, tokenizer, tokenizer_source: str, args, lengths,
+                     strategy: dict | None = None) -> dict:
+    """The package's metadata; a multi-function package keeps the per-task part under "functions".
+    `strategy`: how --rotation auto chose (the candidates' measurements), None when forced."""
     first = next(iter(models.values()))
     cfg = first.config
     meta = {"source": ckpt.source, "revision": ckpt.revision, "tokenizer": tokenizer_source,
-            "rotation": args.rotation, "rotation_seed": args.seed if args.rotation != "none" else None,
+            "rotation": args.rotation, "rotation_seed": args.seed if args.rotation in SEEDED_KINDS else None,
+            "norm": args.norm, "strategy": strategy,
             "seq_lengths": lengths, "version": PROJECT_VERSION, "hidden_size": cfg.hidden_size,
             "vocab_size": cfg.vocab_size, "deployment_target": args.deployment_target, "compute_units": "CPU_AND_NE",
             "compress": args.compress, "local_attention": "blockwise" if first.blockwise else "masked",
@@ -340,7 +410,7 @@ def describe_package(package: Path, models: dict, metadata: dict, ckpt, args, le
     tasks = ", ".join(models)
     spec.description.metadata.author = "modernbert-ane convert.py"
     spec.description.metadata.shortDescription = (
-        f"ModernBERT {tasks} ({ckpt.source}), float16, rotation {args.rotation}, "
+        f"ModernBERT {tasks} ({ckpt.source}), float16, rotation {args.rotation}, norm {args.norm}, "
         f"sequence lengths {', '.join(map(str, lengths))}")
     spec.description.metadata.versionString = PROJECT_VERSION
     write_metadata(spec, metadata)
@@ -403,7 +473,7 @@ def check_package(package: Path, model: ModernBert, tokenizer, lengths: list[int
             ref = model(ids, mask).numpy()
         if not np.isfinite(out).all():
             raise UserError(f"correctness check failed ({model.task}, {what}): the package computes non-finite values "
-                            f"(try --rotation hadamard, or --skip-check to keep it anyway)")
+                            f"(try --rotation auto or --norm safe, or --skip-check to keep it anyway)")
         if model.task in POOLED_TASKS:
             n = int(mask.max())                                       # one row per text in the run
             rows_ref, rows = ref[0, :n], out[0, :n]
@@ -451,10 +521,12 @@ def quiet_conversion() -> None:
 
 def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: float, steps, label: str):
     """Rotate, trace and convert one task's model; the ML Program (weights compressed if asked)."""
-    if args.rotation != "none":
-        steps.start(f"{label}rotating ({args.rotation}, seed {args.seed})")
+    if args.rotation != "none" or args.measured:       # --rotation auto counted this step before choosing
+        steps.start(f"{label}rotating ({args.rotation}" + (f", seed {args.seed})" if args.rotation in SEEDED_KINDS
+                                                           else ")"))
         rotate_model(model, args.rotation, args.seed)
         steps.done()
+    model.set_norm(args.norm)
     if args.query_chunk:
         model.set_query_chunk(args.query_chunk)
     model.set_local_attention(local_attention_kind(args.local_attention, model.config, lengths))
@@ -478,7 +550,8 @@ def main(argv) -> int:
     if args.output:
         check_output(Path(args.output), [args.model, args.tokenizer], args.force)
     n_tasks = len(args.task or [None])
-    steps = Progress(1 + n_tasks * (3 - (args.rotation == "none")) + 1 + (not args.skip_check))
+    auto = args.rotation == "auto"
+    steps = Progress(1 + auto + n_tasks * (3 - (args.rotation == "none")) + 1 + (not args.skip_check))   # auto: rotating counted
     steps.start(f"loading {args.model}", announce="done")             # the input is checked here
     ckpt = resolve_checkpoint(args.model, args.revision, args.allow_pickle)
     check_rotation(args.rotation, ckpt.config)                        # before the weights are loaded
@@ -490,10 +563,28 @@ def main(argv) -> int:
     if max(lengths) > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {max(lengths)} exceeds the model's {model.config.max_position_embeddings} positions")
     output = Path(args.output or default_output_name(ckpt.source, tasks, args.rotation, args.seed, lengths,
-                                                     args.compress))
+                                                     args.compress, args.norm))
     check_output(output, ckpt.input_paths() + [args.tokenizer], args.force)
+    transformers_model = reference_model(ckpt, model.task) if auto else None   # an input error: before any progress
     steps.done()
     embedding_gain = float(model.embeddings.norm.weight.detach().abs().max())             # before rotation folds it
+    strategy, strategy_lines = None, []
+    if auto:
+        steps.start(f"choosing the float16 strategy ({len(strategy_candidates(args.norm))} candidates, model.py "
+                    f"float16 on {len(EVAL_TEXTS)} texts against float32 transformers)")
+        chosen, rows = choose_strategy(model, transformers_model, ckpt, tokenizer, args, lengths, embedding_gain)
+        del transformers_model
+        steps.done()
+        from rotations.strategy import format_strategies, metadata_rows, measure_name
+        args.rotation, args.norm = chosen["rotation"], chosen["norm"]
+        strategy = {"chosen_by": "measurement", "measure": measure_name(model.task),
+                    "compress": args.compress, "candidates": metadata_rows(rows, model.task)}
+        strategy_lines = [f"float16 strategy (--rotation auto, {steps.times[steps.what]:.1f} s; model.py float16 "
+                          f"against float32 transformers on the evaluation texts"
+                          + (f", {args.compress} weights simulated" if args.compress != "none" else "") + "):",
+                          format_strategies(rows, model.task, chosen),
+                          f"chosen: rotation {args.rotation}, norm {args.norm}"]
+    args.norm, args.measured = args.norm or "safe", auto
     models, readiness, check_lines = {}, Readiness(), []
     with staging_folder(output) as staging, writing(output):          # a full disk: one line
         parts = {}
@@ -511,8 +602,8 @@ def main(argv) -> int:
             os.replace(parts[tasks[0]], package)
         else:
             combine_functions(parts, package)
-        describe_package(package, models, package_metadata(models, ckpt, tokenizer, tokenizer_source, args, lengths),
-                         ckpt, args, lengths)
+        describe_package(package, models, package_metadata(models, ckpt, tokenizer, tokenizer_source, args, lengths,
+                                                           strategy), ckpt, args, lengths)
         make_deterministic(package)
         steps.done()
         if not args.skip_check:
@@ -526,8 +617,8 @@ def main(argv) -> int:
             steps.done()
         print(readiness.report(package, lengths[-1]))
         publish(package, output, args.force, OURS)
-    if check_lines:
-        print("\n".join(check_lines))
+    if strategy_lines or check_lines:
+        print("\n".join(strategy_lines + check_lines))
     print(f"wrote {output}  ({steps.summary()})")
     return 0
 

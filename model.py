@@ -6,8 +6,9 @@ Follows Apple's ml-ane-transformers recipe:
 - attention is split per head with einsum: avoids rank-5 tensors, which break ANE compilation;
 - masks are additive with a finite fill (-1e4): `finfo.min` becomes -inf in float16 and NaN-fills
   fully masked rows;
-- norms reduce over the channel axis and are written so coremltools emits a single op (LayerNorm)
-  or so no step can overflow float16 (RMSNorm, used once `rotations/` has folded the weights).
+- norms reduce over the channel axis, in one of three forms (`set_norm`, NORM_KINDS): "fused" (one
+  layer_norm op, squares overflow float16 beyond 256), "safe" (divided by max|x| first: nothing squared
+  exceeds 1, clamp-free) or "l2eps" (an L2 norm with an epsilon channel).
 
 Numerics otherwise follow transformers' `modernbert` implementation exactly (float32 parity ~1e-6).
 """
@@ -138,11 +139,10 @@ class ActivationProbe:
         self.overflow: dict[str, int] = {}
 
     def record(self, name: str, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        finite = torch.isfinite(x)
-        big = int((~finite).sum()) + int((x[finite].abs() > FLOAT16_MAX).sum())
-        peak = float(x[finite].abs().max()) if bool(finite.any()) else float("inf")
-        self.max_abs[name] = max(self.max_abs.get(name, 0.0), peak if big == 0 else float("inf"))
+        a = x.detach().abs()
+        big = int((~(a <= FLOAT16_MAX)).sum())                 # one pass: inf, NaN and beyond 65504 all fail it
+        peak = float(a.max()) if big == 0 else float("inf")
+        self.max_abs[name] = max(self.max_abs.get(name, 0.0), peak)
         self.overflow[name] = self.overflow.get(name, 0) + big
 
     @property
@@ -174,20 +174,76 @@ def conv1x1(c_in: int, c_out: int, bias: bool) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel_size=1, bias=bias)   # ANE: a linear as a 1x1 conv on (B, C, 1, S)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over the channel axis of (B, C, 1, S)."""
+NORM_KINDS = ("fused", "safe", "l2eps")
+SAFE_TINY = 1e-3      # added to max|x| instead of a clamp: a clamp inside a norm hit a Neural Engine bug in a peer port
 
-    def __init__(self, channels: int, eps: float, bias: bool, name: str = ""):
+
+def probing() -> bool:
+    """True while an ActivationProbe records (never while tracing): side computations for it only."""
+    return ActivationProbe.active is not None and not torch.jit.is_tracing()
+
+
+def max_scale(x, factor: float = 1.0):
+    """factor * max|x| over channels plus a tiny constant, (B, 1, 1, S): what a safe norm divides by first.
+    Clamp-free: the constant keeps it > 0 (a zero token gives 0) and eps / m^2 <= 10 finite."""
+    return x.abs().amax(dim=1, keepdim=True) * factor + SAFE_TINY
+
+
+def scaled_rms(x, xs, m, eps: float, name: str):
+    """x / sqrt(mean(x^2) + eps), its statistics taken from xs = x / m with |xs| <= 1: every square <= 1 in
+    float16. Exact in real arithmetic: x / sqrt(mean(x^2) + eps) == x * (rsqrt(mean(xs^2) + eps / m^2) / m)
+    for any m > 0. The output multiplies x itself by that per-token scale, not xs: beside a massive value m
+    the small components of xs are float16 subnormals (|x| / 3e4 < 6.1e-5) with a few bits left."""
+    square = probe(f"{name}.square", xs * xs)                                    # (B, C, 1, S), <= 1
+    eps_scaled = eps / m / m                                                     # two divisions: m*m could overflow
+    scale = torch.rsqrt(square.mean(dim=1, keepdim=True) + eps_scaled) / m      # (B, 1, 1, S)
+    return x * scale                                                             # (B, C, 1, S)
+
+
+def l2_eps_rms(x, eps: float, name: str):
+    """x / ||[x, sqrt(C eps)]|| * sqrt(C) == x / sqrt(mean(x^2) + eps): an L2 norm with the epsilon as an extra
+    channel (a peer port's form, reported to survive on the Neural Engine; coremltools emits reduce_l2_norm).
+    Nothing is pre-scaled: the sum of squares inside reduce_l2_norm exceeds 65504 once |x| reaches
+    ~256 / sqrt(C / 768); the probe records that sum so float16 diagnostics count it as the emulator's
+    pessimistic mode does."""
+    C = x.shape[1]
+    if probing():
+        probe(f"{name}.sum_square", (x.float() * x.float()).sum(dim=1, keepdim=True))
+    eps_channel = torch.zeros_like(x[:, :1]) + (C * eps) ** 0.5                   # (B, 1, 1, S)
+    norm = torch.linalg.vector_norm(torch.cat([x, eps_channel], dim=1), dim=1, keepdim=True)   # (B, 1, 1, S)
+    return x * (C ** 0.5 / norm)                                                 # (B, C, 1, S)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the channel axis of (B, C, 1, S), in one of three forms (`kind`, NORM_KINDS):
+
+    - "fused" (transformers' arithmetic): mean, centre, mean of squares; coremltools fuses it into one
+      layer_norm op. Its squares overflow float16 once a centred value exceeds 256 (massive activations);
+    - "safe": divided by 2 max|x| before centring, so every centred value is <= 1 and so is every square
+      (see scaled_rms); also the mean's sum stays <= C (several 3e4 channels would overflow it);
+    - "l2eps": centred, then the L2 norm with an epsilon channel (see l2_eps_rms).
+    All three compute the same function in real arithmetic."""
+
+    def __init__(self, channels: int, eps: float, bias: bool, name: str = "", kind: str = "fused"):
         super().__init__()
-        self.eps, self.name = eps, name
+        self.eps, self.name, self.kind = eps, name, kind
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
 
     def forward(self, x):
-        # written as mean / centre / mean of squares so coremltools fuses it into one layer_norm op
-        zm = x - x.mean(dim=1, keepdim=True)                                  # (B, C, 1, S)
-        square = probe(f"{self.name}.square", zm * zm)                         # float16 overflows here first
-        out = zm * torch.rsqrt(square.mean(dim=1, keepdim=True) + self.eps)   # (B, C, 1, S)
+        if self.kind == "safe":
+            # deviation from transformers: divided by m = 2 max|x| before the mean, exact in real arithmetic
+            m = max_scale(x, 2.0)                                                  # (B, 1, 1, S)
+            xs = x / m                                                             # (B, C, 1, S), |xs| <= 1/2
+            mean = xs.mean(dim=1, keepdim=True)                                    # (B, 1, 1, S), its sum <= C/2
+            out = scaled_rms(x - mean * m, xs - mean, m, self.eps, self.name)      # centred: |xs - mean| <= 1
+        elif self.kind == "l2eps":
+            out = l2_eps_rms(x - x.mean(dim=1, keepdim=True), self.eps, self.name)
+        else:
+            # written as mean / centre / mean of squares so coremltools fuses it into one layer_norm op
+            zm = x - x.mean(dim=1, keepdim=True)                                  # (B, C, 1, S)
+            square = probe(f"{self.name}.square", zm * zm)                         # float16 overflows here first
+            out = zm * torch.rsqrt(square.mean(dim=1, keepdim=True) + self.eps)   # (B, C, 1, S)
         out = out * self.weight.view(1, -1, 1, 1)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
@@ -195,24 +251,27 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Weightless RMSNorm over the channel axis that cannot overflow float16.
+    """Weightless RMSNorm over the channel axis (what every LayerNorm becomes once `rotations/` has folded
+    the norm weights into the next conv and centred the residual stream): x / rms(x).
 
-    After `rotations/` folds the norm weights into the next conv and centres the residual stream,
-    every LayerNorm becomes x / rms(x). A plain sum or mean of squares overflows float16 once
-    |x| > 256; dividing by max|x| first keeps every square <= 1. Exact in real arithmetic:
-    x / sqrt(mean(x^2) + eps) == (x/m) / sqrt(mean((x/m)^2) + eps/m^2) for any m > 0.
+    kind "safe" (default): divided by max|x| first, every square <= 1 (scaled_rms), clamp-free;
+    "l2eps": the L2 norm with an epsilon channel (l2_eps_rms); "fused": the plain mean of squares
+    (overflows float16 once |x| > 256; for measurements only).
     """
 
-    def __init__(self, eps: float, name: str = ""):
+    def __init__(self, eps: float, name: str = "", kind: str = "safe"):
         super().__init__()
-        self.eps, self.name = eps, name
+        self.eps, self.name, self.kind = eps, name, kind
 
     def forward(self, x):
-        m = x.abs().amax(dim=1, keepdim=True).clamp(min=1.0)                 # (B, 1, 1, S); >= 1 so eps/m^2 <= eps
-        xs = x / m                                                             # (B, C, 1, S), |xs| <= 1
-        square = probe(f"{self.name}.square", xs * xs)
-        eps = self.eps / m / m                                                 # two divisions: m*m could overflow
-        out = xs * torch.rsqrt(square.mean(dim=1, keepdim=True) + eps)        # (B, C, 1, S)
+        if self.kind == "l2eps":
+            out = l2_eps_rms(x, self.eps, self.name)
+        elif self.kind == "fused":
+            square = probe(f"{self.name}.square", x * x)
+            out = x * torch.rsqrt(square.mean(dim=1, keepdim=True) + self.eps)    # (B, C, 1, S)
+        else:
+            m = max_scale(x)                                                       # (B, 1, 1, S)
+            out = scaled_rms(x, x / m, m, self.eps, self.name)                     # deviation: exact, see scaled_rms
         return probe(self.name, out)
 
 
@@ -422,6 +481,14 @@ class ModernBert(nn.Module):
     @property
     def pooling(self) -> str:
         return self.sentence_head.pooling if self.task == "embed" else self.config.classifier_pooling
+
+    def set_norm(self, kind: str) -> None:
+        """Every norm (LayerNorm, and the RMSNorms a rotation made) in form `kind` (NORM_KINDS); same function."""
+        if kind not in NORM_KINDS:
+            raise ValueError(f"unknown norm '{kind}' (one of {', '.join(NORM_KINDS)})")
+        for module in self.modules():
+            if isinstance(module, (LayerNorm, RMSNorm)):
+                module.kind = kind
 
     def set_query_chunk(self, chunk: int | None) -> None:
         """Process global attention in query chunks of this size: scores stay (S, 1, chunk) per head."""

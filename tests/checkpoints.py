@@ -3,7 +3,9 @@ user's checkpoint is, with a tokenizer trained on the fly. No model hub is touch
 
 Random init leaves every norm weight at 1 and bias at 0, and near-uniform logits: `perturb` moves
 the norms and biases (so a norm bug shows) and the initializer range is raised (so top-1 is not noise).
-`plant_outliers` gives a checkpoint the massive activations trained ModernBERTs have.
+`plant_outliers` (the embedding norm makes them) and `plant_mlp_outliers` (a GeGLU unit of layer 1 writes
+them) give a checkpoint the massive activations trained ModernBERTs have; `plant_checkpoint` applies either
+to any saved checkpoint folder (`python tests/checkpoints.py plant SRC DST --outliers mlp`).
 """
 import collections
 import functools
@@ -37,6 +39,15 @@ CONFIGS = {
 BENCH_CONFIGS = {
     "base": dict(hidden_size=768, intermediate_size=1152, num_hidden_layers=22, num_attention_heads=12,
                  global_attn_every_n_layers=3, local_attention=128, vocab_size=50368, initializer_range=0.02),
+}
+
+
+# the planted-outlier checkpoints the float16 targets are measured on (tests/test_convert.py, bench/):
+# wider than "tiny" and with transformers' default initializer range, so float16's own floor (confident
+# random logits, ~4e-7 KL on "tiny") sits below the targets and what a float16 strategy costs shows
+OUTLIER_CONFIGS = {
+    "small": dict(hidden_size=128, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+                  global_attn_every_n_layers=3, local_attention=16, initializer_range=0.02),
 }
 
 
@@ -102,9 +113,10 @@ TASK_CLASSES = {"fill-mask": "ModernBertForMaskedLM", "encoder": "ModernBertMode
 
 
 def build_checkpoint(folder, config: str = "tiny", task: str = "fill-mask", seed: int = 0, *,
-                     legacy_config: bool = False, perturb: bool = True, outliers: bool = False,
+                     legacy_config: bool = False, perturb: bool = True, outliers: bool | str = False,
                      config_overrides: dict | None = None, labels: tuple[str, ...] | None = None):
     """Save a random checkpoint of `task` into `folder` (created) and return the transformers model.
+    outliers: False, "embedding" (or True: plant_outliers) or "mlp" (plant_mlp_outliers).
     `labels`: a classifier's labels (default three; one label is a reranker / regression head)."""
     import transformers
     folder = Path(folder)
@@ -114,7 +126,7 @@ def build_checkpoint(folder, config: str = "tiny", task: str = "fill-mask", seed
     kwargs = dict(vocab_size=vocab, initializer_range=0.1, pad_token_id=ids["[PAD]"], cls_token_id=ids["[CLS]"],
                   sep_token_id=ids["[SEP]"], bos_token_id=ids["[CLS]"], eos_token_id=ids["[SEP]"],
                   max_position_embeddings=1024)
-    kwargs.update({**CONFIGS, **BENCH_CONFIGS}[config], **(config_overrides or {}))
+    kwargs.update({**CONFIGS, **OUTLIER_CONFIGS, **BENCH_CONFIGS}[config], **(config_overrides or {}))
     if task in ("classify", "token-classify"):
         labels = labels or (["negative", "neutral", "positive"] if task == "classify" else ["O", "B-ENT", "I-ENT"])
         kwargs.update(id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
@@ -126,7 +138,7 @@ def build_checkpoint(folder, config: str = "tiny", task: str = "fill-mask", seed
     if task == "fill-mask":
         make_predictions_confident(model)
     if outliers:
-        plant_outliers(model, cls_id=ids["[CLS]"], sep_id=ids["[SEP]"])
+        PLANTS[outlier_kind(outliers)](model, cls_id=ids["[CLS]"], sep_id=ids["[SEP]"])
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -181,7 +193,10 @@ def plant_outliers(model, cls_id: int, sep_id: int, channels=OUTLIER_CHANNELS, s
     C = E.shape[1]
     others = [c for c in range(C) if c not in ch]
     E[:, ch] = E[:, others].mean(1, keepdim=True)             # ordinary tokens: LN(E) is 0 in those channels...
-    E[cls_id, ch] = E[sep_id, ch] = 10.0                      # ...delimiters: the row's largest entries by far
+    # ...delimiters: the row's largest entries by far (25 standard deviations). No more: the decoder is tied
+    # to these rows, so they are also the delimiters' logits' weights (at 500 deviations, logits of ~100
+    # whose float16 rounding alone costs a KL of ~1e-5)
+    E[cls_id, ch] = E[sep_id, ch] = 25.0 * float(E[:, others].std())
     rows = E[[cls_id, sep_id]]
     normalized = ((rows - rows.mean(1, keepdim=True)) / rows.std(1, unbiased=False, keepdim=True))[:, ch]
     base.embeddings.norm.weight[ch] = size / normalized.mean()   # LN(E)[delimiter, ch] ~ size
@@ -190,6 +205,97 @@ def plant_outliers(model, cls_id: int, sep_id: int, channels=OUTLIER_CHANNELS, s
     norms += [layer.attn_norm for layer in base.layers[1:]]
     for norm in norms:
         norm.weight[ch] = 1e-3 * norm.weight[ch].sign()
+
+
+MLP_PLANT_LAYER = 1              # trained models grow their massive activations in an early layer's MLP
+MLP_PLANT_PRODUCT = 2.5e4        # the GeGLU product of the planted unit on a delimiter: float16 holds it
+MARKER_CHANNEL = 11              # carries "this is a delimiter" from the embeddings to the planted unit
+
+
+def base_model(model):
+    return model if hasattr(model, "embeddings") else model.model
+
+
+@torch.no_grad()
+def plant_mlp_outliers(model, cls_id: int, sep_id: int, channels=OUTLIER_CHANNELS, size: float = MASSIVE,
+                       layer: int = MLP_PLANT_LAYER, marker: int = MARKER_CHANNEL) -> None:
+    """Massive activations made the way trained transformers make them: one GeGLU unit of `layer`'s MLP
+    fires on [CLS]/[SEP] (its product ~2.5e4) and its Wo column writes ~`size` into `channels` of the
+    residual stream; on ordinary tokens the unit stays at ~0. Works on any transformers ModernBERT
+    (a task model or the bare ModernBertModel, any size, trained or not):
+
+    - a marker channel of the embeddings: the embedding norm puts +8 there on delimiters, -4 on
+      ordinary tokens, and no writer before the planted MLP touches that channel;
+    - unit 0 of the MLP reads only the marker (GELU(3 n) * b n: GELU cuts the ordinary tokens' negative
+      side), b set from a calibration run so that the delimiters' largest product is ~2.5e4;
+    - its Wo column writes size / product into `channels` (nothing else), and every later norm's weight
+      on `channels` is small, as trained checkpoints' are."""
+    base, ch = base_model(model), list(channels)
+    E, C = base.embeddings.tok_embeddings.weight, base.embeddings.tok_embeddings.weight.shape[1]
+    others = [c for c in range(C) if c not in ch + [marker]]
+    mean, std = E[:, others].mean(1), E[:, others].std(1, unbiased=False)
+    E[:, marker] = mean - 2.0 * std                                # LN(E)[marker] ~ -2 on ordinary tokens...
+    E[[cls_id, sep_id], marker] = mean[[cls_id, sep_id]] + 4.0 * std[[cls_id, sep_id]]   # ...~ +4 on delimiters
+    base.embeddings.norm.weight[marker] = 2.0
+    if base.embeddings.norm.bias is not None:
+        base.embeddings.norm.bias[marker] = 0.0
+    writers = [lyr.attn.Wo for lyr in base.layers[:layer + 1]] + [lyr.mlp.Wo for lyr in base.layers[:layer]]
+    for linear in writers:                                         # the marker reaches the planted MLP unchanged
+        linear.weight[marker] = 0.0
+        if linear.bias is not None:
+            linear.bias[marker] = 0.0
+    mlp, norm = base.layers[layer].mlp, base.layers[layer].mlp_norm
+    inner = mlp.Wo.weight.shape[1]
+    norm.weight[marker] = 1.0
+    for row, scale in ((0, 3.0), (inner, 1.0)):                    # unit 0: input half, then gate half
+        mlp.Wi.weight[row] = 0.0
+        mlp.Wi.weight[row, marker] = scale
+        if mlp.Wi.bias is not None:
+            mlp.Wi.bias[row] = 0.0
+    products = unit_products(model, mlp, [cls_id, 7, 8, 9, 10, 11, 12, sep_id])
+    mlp.Wi.weight[inner, marker] *= MLP_PLANT_PRODUCT / float(products.max())   # the gate sets the product
+    mlp.Wo.weight[:, 0] = 0.0
+    mlp.Wo.weight[ch, 0] = size / MLP_PLANT_PRODUCT
+    later = [base.final_norm] + [lyr.mlp_norm for lyr in base.layers[layer + 1:]]
+    later += [lyr.attn_norm for lyr in base.layers[layer + 1:]]
+    for n in later:
+        n.weight[ch] = 1e-3 * n.weight[ch].sign()
+
+
+def unit_products(model, mlp, ids: list[int]) -> torch.Tensor:
+    """GeGLU unit 0's product act(input) * gate of `mlp` on one text of token `ids`, per token (S,)."""
+    captured = {}
+    hook = mlp.drop.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o[..., 0]))
+    try:
+        model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    finally:
+        hook.remove()
+    return captured["h"][0]
+
+
+PLANTS = {"embedding": plant_outliers, "mlp": plant_mlp_outliers}
+
+
+def outlier_kind(outliers: bool | str) -> str:
+    kind = "embedding" if outliers is True else outliers
+    if kind not in PLANTS:
+        raise ValueError(f"unknown outliers '{outliers}' (one of {', '.join(PLANTS)})")
+    return kind
+
+
+def plant_checkpoint(src, dst, outliers: str) -> None:
+    """Load a saved checkpoint folder with transformers (its own architecture), plant outliers of the
+    given kind ("embedding" or "mlp") using its tokenizer's [CLS]/[SEP] ids, and save it with the
+    tokenizer into `dst`."""
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(src)
+    arch = (config.architectures or ["ModernBertModel"])[0]
+    model = getattr(transformers, arch).from_pretrained(src, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    PLANTS[outlier_kind(outliers)](model, cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
 
 
 def build_sentence_transformers(folder, config: str = "tiny", pooling: str = "mean", dense_out: int | None = 32,
@@ -239,7 +345,7 @@ def build_reference(folder, task: str = "fill-mask", outliers: str | None = None
     """Save the trained reference as a checkpoint of `task` into `folder` (created): the pre-trained masked LM,
     its encoder with a fine-tuned head (`classify`, `token-classify`), or a sentence-transformers folder
     (`embed`: mean pooling + Normalize around the encoder). `outliers` plants massive activations
-    ("embedding": through the embedding norm), which a short CPU pre-training does not grow.
+    (a PLANTS mechanism: "embedding" or "mlp"), which a short CPU pre-training does not grow.
     Returns the transformers model."""
     import transformers
     from safetensors.torch import load_file
@@ -261,13 +367,23 @@ def build_reference(folder, task: str = "fill-mask", outliers: str | None = None
             missing, unexpected = model.load_state_dict(load_file(str(REFERENCE_HEADS / f"{task}.safetensors")),
                                                         strict=False)
             assert not unexpected and all(k.startswith("model.") for k in missing), (missing, unexpected)
-    if outliers == "embedding":
-        plant_outliers(model, cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)
-    elif outliers is not None:
-        raise ValueError(f"unknown outlier mechanism {outliers!r}")
+    if outliers:
+        PLANTS[outlier_kind(outliers)](model, cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if task == "embed":
         write_sentence_transformers_modules(folder, model.config.hidden_size, "mean", None, True)
     return model
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="plant massive activations into a saved checkpoint folder")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plant = sub.add_parser("plant")
+    plant.add_argument("src")
+    plant.add_argument("dst")
+    plant.add_argument("--outliers", choices=sorted(PLANTS), default="mlp")
+    args = parser.parse_args()
+    plant_checkpoint(args.src, args.dst, args.outliers)

@@ -63,7 +63,9 @@ def test_enumerated_lengths_below_and_above_the_window(packages, checkpoint_fact
     package, folder = packages("tiny-enum", checkpoint_factory("tiny"), "--seq-len", SHORT, LONG)
     assert input_lengths(package) == [SHORT, LONG]
     meta = read_metadata(package)
-    assert meta["task"] == "fill-mask" and meta["seq_lengths"] == [SHORT, LONG] and meta["rotation"] == "hadamard"
+    assert meta["task"] == "fill-mask" and meta["seq_lengths"] == [SHORT, LONG]
+    assert meta["strategy"]["chosen_by"] == "measurement"                  # the default: --rotation auto
+    assert any((c["rotation"], c["norm"]) == (meta["rotation"], meta["norm"]) for c in meta["strategy"]["candidates"])
     assert meta["mask_token_id"] == build_tokenizer().mask_token_id and meta["version"]
     tokenizer = build_tokenizer()
     for length, text in ((SHORT, EVAL_TEXTS[0]), (LONG, EVAL_TEXTS[6])):
@@ -107,19 +109,23 @@ def planted_outlier_top1(package, folder):
     return distribution_metrics(ref[valid], ours[valid])["top1_agreement"], int((~np.isfinite(ours)).sum())
 
 
-def test_planted_outliers_need_the_rotation(packages, checkpoint_factory):
+def test_planted_outliers_need_a_safe_strategy(packages, checkpoint_factory):
+    """The default (measured) strategy survives pessimistic float16; the fused LayerNorm unrotated does not."""
     folder = checkpoint_factory("tiny", outliers=True)
-    rotated, _ = packages("outliers-hadamard", folder, "--seq-len", LONG)
-    plain, _ = packages("outliers-none", folder, "--seq-len", LONG, "--rotation", "none", "--skip-check")
+    rotated, _ = packages("outliers-auto", folder, "--seq-len", LONG)
+    plain, _ = packages("outliers-none", folder, "--seq-len", LONG, "--rotation", "none", "--norm", "fused",
+                        "--skip-check")
     top1, nonfinite = planted_outlier_top1(rotated, folder)
     assert top1 >= 0.99 and nonfinite == 0
     top1_plain, nonfinite_plain = planted_outlier_top1(plain, folder)
     assert top1_plain < 0.99 or nonfinite_plain > 0
 
 
-@pytest.mark.parametrize("config", ["biased", "odd"])
-def test_other_configs_convert(packages, checkpoint_factory, config):
-    package, folder = packages(f"{config}", checkpoint_factory(config), "--seq-len", LONG)
+@pytest.mark.parametrize("config, options", [("biased", []), ("odd", ["--rotation", "hadamard"])])
+def test_other_configs_convert(packages, checkpoint_factory, config, options):
+    package, folder = packages(f"{config}", checkpoint_factory(config), "--seq-len", LONG, *options)
+    if options:                                                           # forced: no measurement recorded
+        assert read_metadata(package)["rotation"] == "hadamard" and "strategy" not in read_metadata(package)
     ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[8]], LONG, fixed_length=True)
     ours, ref = emulate(package, ids, mask), transformers_logits(folder, ids, mask)
     assert distribution_metrics(ref[0], ours[0])["top1_agreement"] >= 0.99
@@ -150,6 +156,10 @@ def test_default_output_name_is_deterministic():
         "my-ckpt-classify-random-seed3-64.mlpackage"
     assert convert.default_output_name("m", ["fill-mask", "embed"], "hadamard", 0, [64], "palettize4") == \
         "m-fill-mask+embed-hadamard-palettize4-64.mlpackage"
+    # the default --rotation auto names "auto", not what the measurement chose: known before any work
+    assert convert.default_output_name("answerdotai/ModernBERT-base", ["fill-mask"], "auto", 0, [512]) == \
+        "ModernBERT-base-fill-mask-auto-512.mlpackage"
+    assert convert.default_output_name("m", ["encoder"], "none", 3, [64], norm="l2eps") == "m-encoder-none-l2eps-64.mlpackage"
 
 
 def test_existing_output_is_kept_without_force(checkpoint_factory, tmp_path, capsys):
@@ -357,3 +367,51 @@ def test_multi_function_package_stores_the_encoder_once(packages, checkpoint_fac
             ref = embedder(ids, mask).numpy()
         assert vector.shape == ref.shape == (1, 1, CONFIGS["tiny"]["hidden_size"])
         assert float(np.dot(vector[0, 0], ref[0, 0]) / np.linalg.norm(vector) / np.linalg.norm(ref)) > 0.999
+
+
+@pytest.mark.parametrize("plant", ["embedding", "mlp"])
+def test_default_strategy_meets_the_float16_targets(checkpoint_factory, tmp_path, capsys, plant):
+    """Issue 12's targets, on the planted-outlier checkpoints of both mechanisms, default options, the
+    emulator's pessimistic mode: fill-mask kl_mean <= 2e-7, every token's encoder output cosine >= 0.999.
+    The strategy is chosen by measurement, printed, and recorded with the candidates' numbers."""
+    import diff_coreml
+    from rotations.strategy import AUTO_CANDIDATES
+    folder = checkpoint_factory("small", "fill-mask", outliers=plant)
+    package = tmp_path / "default.mlpackage"
+    with pytest.raises(SystemExit) as e:
+        run_cli(convert.main, [str(folder), "--seq-len", "128", "--task", "fill-mask", "encoder", "-o", str(package)])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    meta = read_metadata(package)
+    candidates = meta["strategy"]["candidates"]
+    assert [(c["rotation"], c["norm"]) for c in candidates] == list(AUTO_CANDIDATES)
+    safe = [c for c in candidates if c["overflow_count"] == 0 and c["nonfinite"] == 0]
+    best = min(safe, key=lambda c: c["kl_mean"])
+    assert (meta["rotation"], meta["norm"]) == (best["rotation"], best["norm"]) and meta["strategy"]["measure"] == "kl_mean"
+    assert f"chosen: rotation {meta['rotation']}, norm {meta['norm']}" in out and "| hadamard | safe |" in out
+    results = {}
+    for function in ("fill_mask", "encoder"):
+        path = tmp_path / f"{function}.json"
+        with pytest.raises(SystemExit) as e:
+            run_cli(diff_coreml.main, [str(package), "--function", function, "--pessimistic", "--json", str(path)])
+        assert e.value.code == 0
+        results[function] = json.loads(path.read_text())
+    assert results["fill_mask"]["kl_mean"] <= 2e-7 and results["fill_mask"]["overflow_count"] == 0, results["fill_mask"]
+    assert results["encoder"]["cosine_min"] >= 0.999, results["encoder"]
+
+
+@pytest.mark.parametrize("mode, levels", [("int8", 255), ("palettize4", 16)])
+def test_simulated_compression_rounds_the_weights_auto_measures(checkpoint_factory, mode, levels):
+    """--rotation auto measures candidates with the weights rounded as --compress stores them: at most 255
+    int8 levels per output channel, 2^N palette entries per group of 32; the rotation's convs stay float16."""
+    from model import ModernBert
+    from rotations import rotate_model
+    model = rotate_model(ModernBert.from_pretrained(str(checkpoint_factory("tiny")))[0], "hadamard")
+    proj = model.embeddings.proj.weight.detach().clone()
+    convert.simulate_compression(model, mode, embedding_gain=1.0)
+    wi = model.layers[1].mlp.Wi.weight.detach().reshape(model.layers[1].mlp.Wi.weight.shape[0], -1)
+    rows = wi[:1] if mode == "int8" else wi[:convert.PALETTE_GROUP]
+    assert 2 < len(torch.unique(rows)) <= levels
+    assert len(torch.unique(model.embeddings.tok_embeddings.weight[:convert.PALETTE_GROUP])) <= \
+        (levels * convert.PALETTE_GROUP if mode == "int8" else levels)
+    assert torch.equal(model.embeddings.proj.weight, proj)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from checkpoint import CheckpointError, resolve_checkpoint
 from checkpoints import CONFIGS, TASK_CLASSES, _trained_tokenizer_json, build_sentence_transformers, build_tokenizer
 from evaluation import EVAL_TEXTS, reference_model, sentence_embeddings, tokenize
-from model import MASK_FILL, ModernBert, ModernBertConfig, default_task
+from model import MASK_FILL, NORM_KINDS, ActivationProbe, LayerNorm, ModernBert, ModernBertConfig, RMSNorm, default_task
 
 TOL = 1e-4
 
@@ -346,3 +346,75 @@ def test_test_tokenizer_is_the_same_in_every_process():
                            text=True, env=env, check=True).stdout.strip()
     assert other == _trained_tokenizer_json()
     assert len(json.loads(other)["model"]["vocab"]) == 600
+
+
+# ----------------------------------------------------------------------------- norm forms (model.NORM_KINDS)
+
+def massive_input(dtype=torch.float64):
+    """(2, 64, 1, 8): ordinary tokens, and three tokens with ~3e4 on three channels (their sum > 65504)."""
+    x = torch.randn(2, 64, 1, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[:, 5, :, :3], x[:, 17, :, :3], x[:, 9, :, :3] = 3e4, 2.9e4, 3e4
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_every_norm_form_is_layer_norm_in_float64(kind):
+    x = massive_input()
+    norm = LayerNorm(64, 1e-5, True, "n", kind).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.1, 0.1)
+        ref = torch.nn.functional.layer_norm(x.transpose(1, 3), (64,), norm.weight, norm.bias, 1e-5).transpose(1, 3)
+        assert (norm(x) - ref).abs().max() < 1e-9
+        rms = x / (x.pow(2).mean(1, keepdim=True) + 1e-5).sqrt()
+        assert (RMSNorm(1e-5, "r", kind)(x) - rms).abs().max() < 1e-9
+
+
+def test_safe_norms_survive_float16_where_fused_overflows():
+    x = massive_input()
+    ref = torch.nn.functional.layer_norm(x.transpose(1, 3), (64,), eps=1e-5).transpose(1, 3)
+    outputs = {}
+    for kind in NORM_KINDS:
+        with ActivationProbe() as probe, torch.no_grad():
+            outputs[kind] = LayerNorm(64, 1e-5, False, "n", kind).half()(x.half()).double()
+        outputs[kind + ".overflow"] = probe.overflow_count
+    assert outputs["fused.overflow"] > 0 and outputs["l2eps.overflow"] > 0    # squares / their sum beyond 65504
+    assert outputs["safe.overflow"] == 0 and (outputs["safe"] - ref).abs().max() < 1e-2
+    assert (outputs["fused"] - ref).abs().max() > 1                          # the overflow ruins the massive tokens
+
+
+@pytest.mark.parametrize("module", [lambda: LayerNorm(64, 1e-5, False, "n", "safe"), lambda: RMSNorm(1e-5, "r")])
+def test_safe_norms_are_clamp_free_and_zero_safe(module):
+    """A clamp inside a norm hit a Neural Engine bug in a peer port: the safe forms have none, and a token of
+    zeros still gives zeros (no 0/0)."""
+    norm = module()
+    graph = str(torch.jit.trace(norm, massive_input(torch.float32)).graph)
+    assert "clamp" not in graph and "aten::max" not in graph.replace("aten::amax", "")
+    with torch.no_grad():
+        out = norm.half()(torch.zeros(1, 64, 1, 3, dtype=torch.float16))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_small_components_beside_a_massive_value_keep_their_precision():
+    """The safe RMSNorm scales x itself, not x / max|x|: beside 3e4, |x| / 3e4 would be a float16 subnormal."""
+    x = massive_input()
+    ref = x / (x.pow(2).mean(1, keepdim=True) + 1e-5).sqrt()
+    out = RMSNorm(1e-5, "r")(x.half()).double()
+    small = ((x.abs() > 0.5) & (x.abs() < 10))[:, :, :, :3]               # ordinary components of massive tokens,
+                                                                           # large enough for a normal float16 output
+    rel = ((out - ref).abs() / ref.abs().clamp(min=1e-12))[:, :, :, :3][small]
+    assert rel.max() < 3e-3                                                # a few float16 roundings, not lost bits
+
+
+def test_set_norm_keeps_the_function(checkpoint_factory):
+    folder = checkpoint_factory("biased", "fill-mask")
+    model = ModernBert.from_pretrained(str(folder))[0]
+    ids, mask = tokenize(build_tokenizer(), EVAL_TEXTS, 512)
+    with torch.no_grad():
+        before = model(ids, mask)
+        for kind in ("safe", "l2eps"):
+            model.set_norm(kind)
+            assert all(m.kind == kind for m in model.modules() if isinstance(m, LayerNorm))
+            assert (model(ids, mask) - before)[mask.bool()].abs().max() < 1e-4
+    with pytest.raises(ValueError, match="unknown norm"):
+        model.set_norm("clamped")

@@ -10,6 +10,7 @@ from checkpoints import CONFIGS, MASSIVE, OUTLIER_CHANNELS, build_tokenizer
 from evaluation import EVAL_TEXTS, tokenize
 from model import ModernBert, ModernBertConfig, RMSNorm
 from rotations import NoHadamardConstructionError, rotate_model
+from rotations import strategy
 from user_errors import run_cli
 import diff_torch
 
@@ -24,7 +25,7 @@ def run(model, ids, mask):
 
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("kind", ["hadamard", "random"])
+@pytest.mark.parametrize("kind", ["hadamard", "random", "identity"])
 def test_rotation_preserves_the_function(checkpoint_factory, config, kind):
     model = load(checkpoint_factory(config, "fill-mask"))
     ids, mask = tokenize(build_tokenizer(), EVAL_TEXTS, 512)
@@ -33,6 +34,9 @@ def test_rotation_preserves_the_function(checkpoint_factory, config, kind):
     after = run(rotated, ids, mask)
     assert (before - after)[mask.bool()].abs().max() <= 1e-4
     assert rotated.rotation["kind"] == kind and rotated.rotation["seed"] == 3
+    if kind == "identity":                                       # norms folded, stream centred, nothing rotated
+        assert torch.equal(torch.from_numpy(rotated.rotation["matrix"]), torch.eye(rotated.config.hidden_size,
+                                                                                 dtype=torch.float64))
     assert not any(isinstance(b.mlp_norm, torch.nn.LayerNorm) for b in rotated.layers)
     assert all(isinstance(b.mlp_norm, RMSNorm) for b in rotated.layers)
 
@@ -104,3 +108,35 @@ def test_planted_outliers_overflow_float16_unless_rotated(checkpoint_factory, tm
     expected = math.sqrt(CONFIGS["tiny"]["hidden_size"]) / len(OUTLIER_CHANNELS)
     for row in rotated["layers"]:
         assert 0.6 * expected <= row["max_abs_ref"] / row["max_abs"] <= 1.4 * expected, row
+
+
+def test_strategy_choice_ranks_overflowing_candidates_last():
+    rows = [{"rotation": "none", "norm": "l2eps", "kl_mean": 1e-9, "overflow_count": 90, "nonfinite": 0},
+            {"rotation": "hadamard", "norm": "safe", "kl_mean": 3e-7, "overflow_count": 0, "nonfinite": 0},
+            {"rotation": "none", "norm": "safe", "kl_mean": 4e-8, "overflow_count": 0, "nonfinite": 0},
+            {"rotation": "identity", "norm": "safe", "kl_mean": 4e-8, "overflow_count": 0, "nonfinite": 0}]
+    assert strategy.choose(rows, "fill-mask") is rows[2]                 # a tie: the first listed
+    cosine = [{**r, "cosine_min": c} for r, c in zip(rows, (1.0, 0.98, 0.9999, 0.9998))]
+    assert strategy.choose(cosine, "encoder") is cosine[2]
+    table = strategy.format_strategies(rows, "fill-mask", rows[2])
+    assert "| none | safe | 4e-08 | 0 | 0 | yes |" in table and table.count("yes") == 1
+
+
+@pytest.mark.parametrize("plant", ["embedding", "mlp"])
+def test_without_rotation_a_safe_norm_beats_hadamard_on_delimiters(checkpoint_factory, plant):
+    """The rotation spreads a delimiter's 3e4 over every channel, where float16's spacing rounds the token's
+    small components away; a safe norm without rotation keeps them (model.py in float16, against transformers)."""
+    folder = checkpoint_factory("small", "encoder", outliers=plant)
+    model = load(folder)
+    ids, mask = tokenize(build_tokenizer(), EVAL_TEXTS, 128)
+    from evaluation import reference_model, reference_outputs
+    from checkpoint import resolve_checkpoint
+    ckpt = resolve_checkpoint(str(folder))
+    reference = reference_outputs(reference_model(ckpt, "encoder"), "encoder", ids, mask, ckpt)["output"]
+    rows = {(r, n): strategy.measure(model, r, n, 0, reference, ids, mask)
+            for r, n in (("none", "safe"), ("hadamard", "safe"), ("none", "fused"))}
+    assert rows[("none", "fused")]["overflow_count"] > 0                 # the fused LayerNorm squares 3e4
+    assert rows[("none", "safe")]["overflow_count"] == rows[("hadamard", "safe")]["overflow_count"] == 0
+    assert rows[("none", "safe")]["cosine_min"] >= 0.999
+    assert rows[("none", "safe")]["cosine_min"] > rows[("hadamard", "safe")]["cosine_min"]
+    assert strategy.choose(list(rows.values()), "encoder") is rows[("none", "safe")]
