@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ane_readiness import Readiness
+from package_cost import metadata_entry, package_costs
 from checkpoint import DEFAULT_MODEL
 from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, cosine_metrics, distribution_metrics, load_tokenizer,
                         tokenize)
@@ -313,8 +314,9 @@ def task_metadata(model: ModernBert, ckpt) -> dict:
             "normalized": model.sentence_head.normalize if task == "embed" else None}
 
 
-def package_metadata(models: dict, ckpt, tokenizer, tokenizer_source: str, args, lengths) -> dict:
-    """The package's metadata; a multi-function package keeps the per-task part under "functions"."""
+def package_metadata(models: dict, ckpt, tokenizer, tokenizer_source: str, args, lengths, costs: dict) -> dict:
+    """The package's metadata; a multi-function package keeps the per-task part under "functions".
+    costs: task -> package_cost.package_costs() of its function."""
     first = next(iter(models.values()))
     cfg = first.config
     meta = {"source": ckpt.source, "revision": ckpt.revision, "tokenizer": tokenizer_source,
@@ -325,9 +327,10 @@ def package_metadata(models: dict, ckpt, tokenizer, tokenizer_source: str, args,
             "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
             "sep_token_id": tokenizer.sep_token_id, "mask_token_id": tokenizer.mask_token_id,
             "max_texts": first.max_texts}
+    per_task = {task: {**task_metadata(model, ckpt), "cost": metadata_entry(costs[task])} for task, model in models.items()}
     if len(models) == 1:
-        return {**meta, **task_metadata(first, ckpt)}
-    return {**meta, "functions": {function_name(task): task_metadata(model, ckpt) for task, model in models.items()}}
+        return {**meta, **per_task[next(iter(models))]}
+    return {**meta, "functions": {function_name(task): per_task[task] for task in models}}
 
 
 def describe_package(package: Path, models: dict, metadata: dict, ckpt, args, lengths) -> None:
@@ -507,8 +510,9 @@ def main(argv) -> int:
             os.replace(parts[tasks[0]], package)
         else:
             combine_functions(parts, package)
-        describe_package(package, models, package_metadata(models, ckpt, tokenizer, tokenizer_source, args, lengths),
-                         ckpt, args, lengths)
+        costs = {task: package_costs(package, package_function(task, n_tasks)) for task in tasks}
+        describe_package(package, models, package_metadata(models, ckpt, tokenizer, tokenizer_source, args, lengths,
+                                                           costs), ckpt, args, lengths)
         make_deterministic(package)
         steps.done()
         if not args.skip_check:
@@ -520,7 +524,7 @@ def main(argv) -> int:
                 check_lines += [f"correctness check ({where}{'Core ML' if backend == 'coreml' else 'emulator'}):"]
                 check_lines += [f"  {line}" for line in lines]
             steps.done()
-        print(readiness.report(package, lengths[-1]))
+        print(readiness.report(package, lengths[-1], costs))
         publish(package, output, args.force)
     if check_lines:
         print("\n".join(check_lines))
