@@ -20,7 +20,8 @@ import torch
 from checkpoint import CheckpointError, resolve_checkpoint
 from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, format_metrics, format_table, load_tokenizer,
                         output_metrics, reference_model, reference_outputs, text_disagreement, tokenize, write_json)
-from mlpackage import BACKENDS, PackageRunner, input_lengths, read_metadata
+from mlpackage import (BACKENDS, PackageRunner, add_runtime_arguments, input_lengths, read_metadata, resolve_backend,
+                       tokenizer_revision)
 from model import FLOAT16_MAX, MASK_FILL, POOLED_TASKS, ActivationProbe, ModernBert, ModernBertConfig
 from report import check_report_folder, write_report
 from user_errors import UserError, run_cli
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read pytorch_model.bin when a checkpoint has no safetensors (tensors only, weights_only=True)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: Core ML on the Neural Engine on macOS, the float16 emulator elsewhere")
+    add_runtime_arguments(p)
     p.add_argument("--function", metavar="NAME",
                    help="which head of a multi-function package to compare (default: its default function)")
     p.add_argument("--pessimistic", action="store_true",
@@ -156,25 +158,30 @@ def write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics,
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
+    resolve_backend(args.backend)                       # --backend coreml off macOS: refused before any work
     check_output_path(args.json, args.force, inside=[args.package, args.model])
     check_output_path(args.report, args.force, inside=[args.package, args.model], folder=True)
     check_report_folder(args.report, args.force)
     meta = read_metadata(args.package, args.function)
     lengths = input_lengths(args.package, meta["function"])
     task = meta["task"]
-    runner = PackageRunner(args.package, args.backend, pessimistic=args.pessimistic, function=meta["function"])
+    runner = PackageRunner(args.package, args.backend, pessimistic=args.pessimistic, function=meta["function"],
+                           compute_units=args.compute_units, use_cache=not args.no_cache)
     source = args.model or meta.get("source")
     try:
-        ckpt = resolve_checkpoint(source, allow_pickle=args.allow_pickle)
+        # the commit the package was converted from (metadata), not whatever the hub's main branch holds today
+        ckpt = resolve_checkpoint(source, revision=None if args.model else meta.get("revision"),
+                                  allow_pickle=args.allow_pickle)
     except CheckpointError as e:
         if args.model:
             raise
         raise CheckpointError(f"{e} (the checkpoint {args.package} was converted from, by its metadata); "
                               f"pass --model with its folder") from e
     check_model_matches(meta, ModernBertConfig.from_dict(ckpt.config), source, args.package)
-    tokenizer = load_tokenizer(args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root)
+    tokenizer = load_tokenizer(args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root,
+                               revision=None if args.tokenizer or args.model else tokenizer_revision(meta))
     ref_model = reference_model(ckpt, task)
-    backend_name = "Core ML (CPU and Neural Engine)" if runner.backend == "coreml" else "the float16 emulator"
+    backend_name = runner.describe() if runner.backend == "coreml" else "the float16 emulator"
     print(f"running {args.package} with {backend_name}", file=sys.stderr)   # the input read: no more bad-input errors
     output_name = meta.get("output", "logits")
     watch = OverflowWatch(conv_weight_names(runner)) if runner.backend == "emulate" else None
