@@ -2,7 +2,8 @@
 
 Knows nothing of ModernBERT's modules, only of what a package of ours declares about itself. Core ML
 prediction exists on macOS only; `PackageRunner` is the one place that chooses between it and the
-float16 emulator (`mlprogram_emulator.py`), so the macOS path stays thin.
+float16 emulator (`mlprogram_emulator.py`), so the macOS path stays thin. On macOS a package is compiled
+once into a cache keyed by its content hash and loaded from there (`load_coreml`).
 """
 import hashlib
 import json
@@ -180,8 +181,8 @@ def resolve_backend(backend: str) -> str:
 
 
 # ----------------------------------------------------------------------------- Core ML on macOS
-# Every call into Core ML is in one function below: compile_package (compile to .mlmodelc),
-# load_coreml (the one place a model is loaded). Everything else here runs, and is tested, on any OS.
+# Every call into Core ML is in one function below: compile_package (compile to .mlmodelc), load_coreml (the
+# one place a model is loaded), compute_plan_records (MLComputePlan). The rest runs, and is tested, on any OS.
 
 # --compute-units name -> ct.ComputeUnit member (the names coremltools exposes on every OS)
 COMPUTE_UNITS = {"all": "ALL", "cpu-and-ne": "CPU_AND_NE", "cpu-and-gpu": "CPU_AND_GPU", "cpu-only": "CPU_ONLY"}

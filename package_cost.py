@@ -147,7 +147,7 @@ class Program:
         """name -> (dtype name, shape) at `length` (the declared shapes for a static function)."""
         if self.is_static():
             return dict(self.types)
-        observed = self.observed_shapes(length)
+        observed = self.observed_shapes(length or self.static_length())
         return {name: (dtype, observed.get(name, shape)) for name, (dtype, shape) in self.types.items()}
 
     def static_length(self) -> int | None:
@@ -276,7 +276,7 @@ def package_costs(package, function: str | None = None, lengths=None) -> dict[in
     program = Program(package, function)
     fixed = program.static_length()
     lengths = [fixed] if fixed is not None else list(lengths or input_lengths(package, program.function))
-    return {n: summarize(op_costs(program, n)) for n in lengths}
+    return {n: summarize(op_costs(program, n)) for n in lengths}       # n is ignored where the file has the shapes
 
 
 def metadata_entry(costs: dict[int, dict]) -> dict:

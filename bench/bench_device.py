@@ -160,7 +160,7 @@ def flop_counts(package, function: str | None, meta: dict, lengths: list[int]) -
 def per_op_flops(package, function: str | None, length: int) -> dict[str, int]:
     from package_cost import Program, op_costs
     program = Program(package, function)
-    return {c.name: c.flops for c in op_costs(program, None if program.is_static() else length)}
+    return {c.name: c.flops for c in op_costs(program, length)}
 
 
 def main(argv) -> int:
@@ -189,7 +189,11 @@ def main(argv) -> int:
             doc["latency"].append({"compute_units": units, "length": n, **stats,
                                    "tflops": tflops(flops[n], stats["median_ms"])})
         if not args.no_placement:
-            records = compute_plan_records(doc["loads"][units]["compiled_path"], units, meta["function"])
+            try:
+                records = compute_plan_records(doc["loads"][units]["compiled_path"], units, meta["function"])
+            except ValueError as e:                    # coremltools: "MLComputePlan is not supported" before 14.4
+                print(f"{units}: no op placement ({e}; MLComputePlan needs macOS 14.4+)", file=sys.stderr)
+                continue
             doc["placement"][units] = placement_summary(records, per_op_flops(args.package, meta["function"],
                                                                               lengths[-1]))
     print(format_loads(doc["loads"]))

@@ -243,3 +243,16 @@ def test_pickle_only_hub_repository_is_told_about_allow_pickle(tmp_path, monkeyp
         raise OSError("offline")
     monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)   # cannot ask: the usual path goes on
     assert checkpoint.resolve_checkpoint("org/embedder").revision == "d" * 40
+
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML runs only on macOS")
+def test_core_ml_agrees_with_the_emulator_and_reuses_its_compiled_copy(hub_package, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ids = list(range(5, 25))
+    inputs = mlpackage.package_inputs([ids], 32, 0)
+    emulated = mlpackage.PackageRunner(hub_package, "emulate").predict(inputs)["logits"][0, :len(ids)]
+    for units, cache in (("cpu-only", "miss"), ("cpu-and-ne", "hit")):
+        runner = mlpackage.PackageRunner(hub_package, "coreml", compute_units=units)
+        assert runner.load_report["cache"] == cache
+        ours = runner.predict(inputs)["logits"][0, :len(ids)]
+        assert (ours.argmax(-1) == emulated.argmax(-1)).mean() >= 0.95, units
