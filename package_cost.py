@@ -101,7 +101,9 @@ class Program:
             if op.type == "const":
                 self._add_const(op, reader)
             elif op.type.startswith("constexpr_"):          # decompressed at load: stored as its inputs
-                stored = sum(self.const_bytes.get(n, 0) for ns in names.values() for n in ns)
+                stored = sum(self.const_bytes.get(b.name, 0) if b.WhichOneof("binding") == "name"
+                             else self._value_bytes(b.value.type, reader)            # inline data and scales
+                             for arg in op.inputs.values() for b in arg.arguments)
                 stored += sum(self._value_bytes(v.type, reader) for k, v in op.attributes.items() if k != "name")
                 for o in op.outputs:
                     self.const_bytes[o.name] = stored

@@ -37,10 +37,11 @@ def tiny_packages(checkpoint_factory, tmp_path_factory):
     folder = checkpoint_factory("tiny")
     out = tmp_path_factory.mktemp("cost")
     made = {}
-    for name, lengths in (("fixed", ["32"]), ("flexible", ["16", "32"])):
+    for name, options in (("fixed", ["--seq-len", "32"]), ("flexible", ["--seq-len", "16", "32"]),
+                          ("int8", ["--seq-len", "32", "--compress", "int8"])):
         made[name] = out / f"{name}.mlpackage"
         with pytest.raises(SystemExit) as e:
-            run_cli(convert.main, [str(folder), "--seq-len", *lengths, "--local-attention", "masked", "--skip-check",
+            run_cli(convert.main, [str(folder), *options, "--local-attention", "masked", "--skip-check",
                                    "-o", str(made[name])])
         assert e.value.code == 0
     return made, vocab(folder)
@@ -91,6 +92,20 @@ def test_counts_are_in_the_metadata(tiny_packages):
         for n in lengths:
             assert cost[str(n)]["flops_by_category"]["conv"] == expected(n, V)["conv"]
             assert cost[str(n)]["weight_bytes"] > expected(n, V)["conv_weight_bytes"]   # + embeddings, RoPE...
+
+
+def test_weight_bytes_are_what_the_weight_file_stores(tiny_packages):
+    """Every weight read once at its stored size: the weight file's size less its per-blob headers and padding;
+    an int8 package's weights count as the int8 values and their scales, not the float16 they decompress to."""
+    packages, _ = tiny_packages
+    read = {}
+    for name in ("fixed", "int8"):
+        weight_file = packages[name] / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+        read[name] = package_cost.package_costs(packages[name])[32]["weight_bytes"]
+        assert 0.95 * weight_file.stat().st_size < read[name] <= weight_file.stat().st_size, name
+    assert read["int8"] < 0.6 * read["fixed"]
+    fixed, int8 = (package_cost.package_costs(packages[name])[32]["flops_by_category"] for name in ("fixed", "int8"))
+    assert (int8["conv"], int8["matmul"]) == (fixed["conv"], fixed["matmul"])       # the same work, smaller weights
 
 
 def test_einsum_flops():
