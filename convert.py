@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from ane_readiness import Readiness
-from package_cost import metadata_entry, package_costs
 from checkpoint import DEFAULT_MODEL
 from evaluation import (COSINE_TASKS, EVAL_TEXTS, check_output_path, cosine_metrics, distribution_metrics, load_tokenizer,
                         tokenize)
@@ -32,6 +31,7 @@ from mlpackage import (BACKENDS, OUTPUT_NAMES, PROJECT_VERSION, PackageRunner, f
                        package_spec, save_spec, write_metadata)
 from model import POOLED_TASKS, TASKS, ModernBert
 from output_files import publish, staging_folder
+from package_cost import metadata_entry, package_costs
 from quiet_coremltools import import_coremltools
 from rotations import ROTATION_KINDS, rotate_model
 from user_errors import UserError, run_cli, writing
