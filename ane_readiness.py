@@ -1,5 +1,6 @@
 """An ANE-readiness summary of an ML Program: op counts, ops or shapes known to push work off the
-Neural Engine, the largest intermediate tensor and the weights' size on disk.
+Neural Engine, the largest intermediate tensor, the weights' size on disk and, per length, the FLOP and
+byte counts of `package_cost.py`.
 
 The rules are reported behaviour (Apple's ANE transformers notes, coremltools issues), not a
 guarantee: Core ML decides placement on the device. Xcode's performance report is the ground truth.
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from package_cost import format_summary
 from quiet_coremltools import import_coremltools
 
 import_coremltools()
@@ -63,7 +65,8 @@ class Readiness:
         if value.size > self.largest[3]:
             self.largest = (op_name, op_type, value.shape, value.size)
 
-    def report(self, package: Path, length: int) -> str:
+    def report(self, package: Path, length: int, costs: dict | None = None) -> str:
+        """The summary; costs: function label -> {length: package_cost.summarize()} adds FLOP and byte lines."""
         weights = sum(f.stat().st_size for f in (package / "Data").rglob("*") if f.is_file() and "weights" in f.parts)
         lines = [f"ANE readiness ({sum(self.op_counts.values())} ops):",
                  "  ops: " + ", ".join(f"{t} {n}" for t, n in sorted(self.op_counts.items(), key=lambda x: (-x[1], x[0])))]
@@ -72,6 +75,10 @@ class Readiness:
             lines.append(f"  largest intermediate at {length} tokens: {op_type} {name} {tuple(shape)}, "
                          f"{size * 2 / 2**20:.1f} MiB in float16")
         lines.append(f"  weights on disk: {weights / 2**20:.1f} MiB")
+        for label, by_length in (costs or {}).items():
+            prefix = f"{label}: " if len(costs) > 1 else ""
+            for n, summary in by_length.items():
+                lines += ["  " + prefix + line for line in format_summary(n, summary)]
         if not self.flags:
             lines.append("  no op or shape known to push work off the Neural Engine")
         for rule, where in sorted(self.flags.items()):

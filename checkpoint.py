@@ -88,7 +88,22 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[P
         raise CheckpointError(f"cannot download '{repo_id}' from the Hugging Face hub ({reason}); "
                               f"pass a local checkpoint folder instead") from e
     folder = Path(folder)
-    return folder, folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
+    commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
+    if not allow_pickle and not any(folder.rglob("*.safetensors")) and _hub_has_pickle(repo_id, commit):
+        raise CheckpointError(f"'{repo_id}' has only pickle weights (pytorch_model.bin) at revision {commit or 'main'}, "
+                              f"no .safetensors; pass --allow-pickle to load them safely (tensors only, "
+                              f"torch.load(weights_only=True), no code runs), or convert a revision that has safetensors (--revision)")
+    return folder, commit
+
+
+def _hub_has_pickle(repo_id: str, revision: str | None) -> bool:
+    """Whether the hub repository holds a pytorch_model.bin at `revision` (False when that cannot be asked)."""
+    try:
+        from huggingface_hub import list_repo_files
+        return any(Path(f).name.startswith("pytorch_model") and f.endswith(".bin")
+                   for f in list_repo_files(repo_id, revision=revision))
+    except Exception:  # offline: the generic "no .safetensors weights" error follows
+        return False
 
 
 def _looks_offline(e: Exception) -> bool:

@@ -32,6 +32,7 @@ from mlpackage import (BACKENDS, OUTPUT_NAMES, PROJECT_VERSION, PackageRunner, f
                        package_spec, save_spec, write_metadata, written_by_convert)
 from model import NORM_KINDS, POOLED_TASKS, TASKS, ModernBert
 from output_files import Ours, check_output as check_output_file, publish, staging_folder
+from package_cost import metadata_entry, package_costs
 from quiet_coremltools import import_coremltools
 from rotations import ROTATION_KINDS, rotate_model
 from rotations.fuse import SEEDED_KINDS
@@ -384,10 +385,11 @@ def task_metadata(model: ModernBert, ckpt) -> dict:
             "normalized": model.sentence_head.normalize if task == "embed" else None}
 
 
-def package_metadata(models: dict, ckpt, tokenizer, tokenizer_source: str, args, lengths,
+def package_metadata(models: dict, ckpt, tokenizer, tokenizer_source: str, args, lengths, costs: dict,
                      strategy: dict | None = None) -> dict:
     """The package's metadata; a multi-function package keeps the per-task part under "functions".
-    `strategy`: how --rotation auto chose (the candidates' measurements), None when forced."""
+    costs: task -> package_cost.package_costs() of its function. `strategy`: how --rotation auto chose (the
+    candidates' measurements), None when forced."""
     first = next(iter(models.values()))
     cfg = first.config
     meta = {"source": ckpt.source, "revision": ckpt.revision, "tokenizer": tokenizer_source,
@@ -399,9 +401,10 @@ def package_metadata(models: dict, ckpt, tokenizer, tokenizer_source: str, args,
             "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
             "sep_token_id": tokenizer.sep_token_id, "mask_token_id": tokenizer.mask_token_id,
             "max_texts": first.max_texts, "prompts": read_prompts(ckpt.root)}
+    per_task = {task: {**task_metadata(model, ckpt), "cost": metadata_entry(costs[task])} for task, model in models.items()}
     if len(models) == 1:
-        return {**meta, **task_metadata(first, ckpt)}
-    return {**meta, "functions": {function_name(task): task_metadata(model, ckpt) for task, model in models.items()}}
+        return {**meta, **per_task[next(iter(models))]}
+    return {**meta, "functions": {function_name(task): per_task[task] for task in models}}
 
 
 def describe_package(package: Path, models: dict, metadata: dict, ckpt, args, lengths) -> None:
@@ -602,8 +605,9 @@ def main(argv) -> int:
             os.replace(parts[tasks[0]], package)
         else:
             combine_functions(parts, package)
+        costs = {task: package_costs(package, package_function(task, n_tasks)) for task in tasks}
         describe_package(package, models, package_metadata(models, ckpt, tokenizer, tokenizer_source, args, lengths,
-                                                           strategy), ckpt, args, lengths)
+                                                           costs, strategy), ckpt, args, lengths)
         make_deterministic(package)
         steps.done()
         if not args.skip_check:
@@ -615,7 +619,7 @@ def main(argv) -> int:
                 check_lines += [f"correctness check ({where}{'Core ML' if backend == 'coreml' else 'emulator'}):"]
                 check_lines += [f"  {line}" for line in lines]
             steps.done()
-        print(readiness.report(package, lengths[-1]))
+        print(readiness.report(package, lengths[-1], costs))
         publish(package, output, args.force, OURS)
     if strategy_lines or check_lines:
         print("\n".join(strategy_lines + check_lines))

@@ -22,7 +22,8 @@ from checkpoint import CheckpointError, resolve_checkpoint
 from evaluation import (EVAL_TEXTS, Accounting, check_gates, check_output_path, format_accounting, format_gates,
                         format_metrics, format_table, gate_exit, gate_results, load_tokenizer, output_measure,
                         reference_model, reference_outputs, residual_peaks, tokenize, valid_rows, write_json)
-from mlpackage import BACKENDS, PackageRunner, check_token_ids, input_lengths, read_metadata
+from mlpackage import (BACKENDS, PackageRunner, add_runtime_arguments, check_token_ids, input_lengths, read_metadata,
+                       resolve_backend, tokenizer_revision)
 from model import FLOAT16_MAX, MASK_FILL, POOLED_TASKS, ActivationProbe, ModernBert, ModernBertConfig
 from report import check_report_folder, write_report
 from user_errors import UserError, run_cli
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read pytorch_model.bin when a checkpoint has no safetensors (tensors only, weights_only=True)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: Core ML on the Neural Engine on macOS, the float16 emulator elsewhere")
+    add_runtime_arguments(p)
     p.add_argument("--function", metavar="NAME",
                    help="which head of a multi-function package to compare (default: its default function)")
     p.add_argument("--pessimistic", action="store_true",
@@ -167,16 +169,20 @@ def check_outputs(args, inputs) -> None:
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
+    resolve_backend(args.backend)                       # --backend coreml off macOS: refused before any work
     check_outputs(args, [args.package, args.model, args.tokenizer])
     meta = read_metadata(args.package, args.function)
     lengths = input_lengths(args.package, meta["function"])
     task = meta["task"]
     width = len(meta.get("labels") or []) if task in ("classify", "token-classify") else 0
     check_gates(output_measure(task, width), args.max_kl, args.max_score_error, f"the {task} output of {args.package}")
-    runner = PackageRunner(args.package, args.backend, pessimistic=args.pessimistic, function=meta["function"])
+    runner = PackageRunner(args.package, args.backend, pessimistic=args.pessimistic, function=meta["function"],
+                           compute_units=args.compute_units, use_cache=not args.no_cache)
     source = args.model or meta.get("source")
     try:
-        ckpt = resolve_checkpoint(source, allow_pickle=args.allow_pickle)
+        # the commit the package was converted from (metadata), not whatever the hub's main branch holds today
+        ckpt = resolve_checkpoint(source, revision=None if args.model else meta.get("revision"),
+                                  allow_pickle=args.allow_pickle)
     except CheckpointError as e:
         if args.model:
             raise
@@ -185,11 +191,12 @@ def main(argv) -> int:
     check_model_matches(meta, ModernBertConfig.from_dict(ckpt.config), source, args.package)
     tokenizer_source = args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root
     check_outputs(args, [args.package, *ckpt.input_paths(), tokenizer_source])    # every input, now known
-    tokenizer = load_tokenizer(tokenizer_source)
+    tokenizer = load_tokenizer(tokenizer_source,
+                               revision=None if args.tokenizer or args.model else tokenizer_revision(meta))
     ref_model = reference_model(ckpt, task)
     check_token_ids([tokenizer(t)["input_ids"] for t in EVAL_TEXTS], meta.get("vocab_size"), args.package,
                     lambda i: f"evaluation text {i + 1}")                # another --tokenizer's ids: refused
-    backend_name = "Core ML (CPU and Neural Engine)" if runner.backend == "coreml" else "the float16 emulator"
+    backend_name = runner.describe() if runner.backend == "coreml" else "the float16 emulator"
     print(f"running {args.package} with {backend_name}", file=sys.stderr)   # the input read: no more bad-input errors
     output_name = meta.get("output", "logits")
     watch = OverflowWatch(conv_weight_names(runner)) if runner.backend == "emulate" else None

@@ -57,9 +57,10 @@ EVAL_TEXTS = [
 ]
 
 
-def load_tokenizer(source: str, tasks=()):
+def load_tokenizer(source: str, tasks=(), revision: str | None = None):
     """A tokenizer (hub id or folder) with what ModernBERT needs: [CLS], [SEP] and [PAD] ([MASK] too when
-    `tasks` has fill-mask), put around every text as [CLS] ... [SEP]; a one-line error otherwise."""
+    `tasks` has fill-mask), put around every text as [CLS] ... [SEP]; a one-line error otherwise.
+    `revision`: the hub commit (or branch, tag) of a hub id; None: its main branch."""
     import transformers
     transformers.utils.logging.set_verbosity_error()      # no "sequence longer than model_max_length" chatter
     name = str(source)
@@ -69,7 +70,7 @@ def load_tokenizer(source: str, tasks=()):
     if Path(name).expanduser().is_dir():
         check_files(Path(name).expanduser(), TOKENIZER_FILES)       # confined, regular: before transformers opens them
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, **({"revision": revision} if revision else {}))
     except Exception as e:
         if isinstance(e, UnicodeDecodeError) and Path(name).is_dir():
             for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):

@@ -2,18 +2,22 @@
 
 Knows nothing of ModernBERT's modules, only of what a package of ours declares about itself. Core ML
 prediction exists on macOS only; `PackageRunner` is the one place that chooses between it and the
-float16 emulator (`mlprogram_emulator.py`), so the macOS path stays thin.
+float16 emulator (`mlprogram_emulator.py`), so the macOS path stays thin. On macOS a package is compiled
+once into a cache keyed by its content hash and loaded from there (`load_coreml`).
 """
+import hashlib
 import json
 import os
 import platform
 import stat
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 from checkpoint import CheckpointError, confined
+from output_files import staging_folder
 from quiet_coremltools import import_coremltools
 from user_errors import UserError
 
@@ -244,6 +248,14 @@ def save_spec(path, spec) -> None:
     model_file(path).write_bytes(spec.SerializeToString(deterministic=True))
 
 
+def tokenizer_revision(meta: dict) -> str | None:
+    """The hub revision a package's tokenizer is loaded at: the commit it was converted from when the tokenizer
+    is the checkpoint's own (metadata "tokenizer" == "source"); None for a tokenizer named separately."""
+    if meta.get("tokenizer") and meta.get("tokenizer") == meta.get("source"):
+        return meta.get("revision")
+    return None
+
+
 def package_inputs(seqs: list[list[int]], length: int, pad_id: int) -> dict:
     """A package's inputs for token-id sequences: input_ids and attention_mask (1, length) int32, the texts
     one after the other, then padding.
@@ -273,18 +285,153 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+# ----------------------------------------------------------------------------- Core ML on macOS
+# Every call into Core ML is in one function below: compile_package (compile to .mlmodelc), load_coreml (the
+# one place a model is loaded), compute_plan_records (MLComputePlan). The rest runs, and is tested, on any OS.
+
+# --compute-units name -> ct.ComputeUnit member (the names coremltools exposes on every OS)
+COMPUTE_UNITS = {"all": "ALL", "cpu-and-ne": "CPU_AND_NE", "cpu-and-gpu": "CPU_AND_GPU", "cpu-only": "CPU_ONLY"}
+DEFAULT_COMPUTE_UNITS = "cpu-and-ne"               # the Neural Engine, with the CPU for what it cannot run
+CACHE_DIR_NAME = "modernbert-ane"
+
+
+def add_runtime_arguments(p) -> None:
+    """--compute-units and --no-cache, the same on every script that runs packages with Core ML."""
+    p.add_argument("--compute-units", choices=tuple(COMPUTE_UNITS), default=DEFAULT_COMPUTE_UNITS,
+                   help=f"Core ML: where the model may run (default {DEFAULT_COMPUTE_UNITS}: CPU and Neural Engine)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="Core ML: compile the package again instead of reusing the compiled copy in the cache")
+
+
+def compute_unit(name: str):
+    """The ct.ComputeUnit of a --compute-units name."""
+    if name not in COMPUTE_UNITS:
+        raise UserError(f"unknown compute units '{name}' (one of {', '.join(COMPUTE_UNITS)})")
+    return getattr(import_coremltools().ComputeUnit, COMPUTE_UNITS[name])
+
+
+def package_hash(path) -> str:
+    """SHA-256 of a package's files (relative paths and contents, in sorted order): the same bytes give the
+    same key wherever the package lies, and any changed, added or renamed file gives another."""
+    path, digest = Path(path), hashlib.sha256()
+    for file in sorted(f for f in path.rglob("*") if f.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def cache_dir(platform_name: str | None = None) -> Path:
+    """Where compiled packages are kept: $XDG_CACHE_HOME when set, else ~/Library/Caches on macOS and
+    ~/.cache elsewhere; a modernbert-ane folder inside."""
+    platform_name = platform_name or sys.platform
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base or not os.path.isabs(base):                      # the XDG spec: a relative path is ignored
+        base = Path.home() / ("Library/Caches" if platform_name == "darwin" else ".cache")
+    return Path(base).expanduser() / CACHE_DIR_NAME
+
+
+def compiled_path(package, digest: str | None = None) -> Path:
+    """The cache entry of a package: <cache>/<content hash>.mlmodelc."""
+    return cache_dir() / f"{digest or package_hash(package)}.mlmodelc"
+
+
+def compile_package(package, target: Path) -> None:
+    """Compile a package with Core ML into `target` (an .mlmodelc), atomically: built beside it and renamed;
+    a copy another process put there first is kept."""
+    ct = import_coremltools()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with staging_folder(target) as staging:
+        built = ct.utils.compile_model(str(package), str(staging / target.name))
+        try:
+            os.replace(built, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+
+
+def load_coreml(package, compute_units: str = DEFAULT_COMPUTE_UNITS, function: str | None = None,
+                use_cache: bool = True):
+    """(model, load report) for a package on macOS: the one place Core ML loads a model. With the cache, the
+    package is compiled once to <cache>/<content hash>.mlmodelc and later loads read that (CompiledMLModel);
+    without it, MLModel compiles it again. The report gives the times in seconds and whether the cache hit."""
+    ct = import_coremltools()
+    units = compute_unit(compute_units)
+    named = {"function_name": function} if function else {}
+    report = {"compute_units": compute_units, "cache": "off", "hash_s": 0.0, "compile_s": 0.0}
+    start = time.perf_counter()
+    if not use_cache:
+        model = ct.models.MLModel(str(package), compute_units=units, **named)      # compiles, then loads
+        report["load_s"] = time.perf_counter() - start
+        return model, report
+    target = compiled_path(package)
+    report["hash_s"] = time.perf_counter() - start
+    report["cache"], report["compiled_path"] = ("hit" if target.is_dir() else "miss"), str(target)
+    if report["cache"] == "miss":
+        start = time.perf_counter()
+        compile_package(package, target)
+        report["compile_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    model = ct.models.CompiledMLModel(str(target), compute_units=units, **named)
+    report["load_s"] = time.perf_counter() - start
+    return model, report
+
+
+# MLComputePlan's device classes -> the names our reports use
+DEVICE_NAMES = {"MLNeuralEngineComputeDevice": "neural_engine", "MLGPUComputeDevice": "gpu", "MLCPUComputeDevice": "cpu"}
+
+
+def compute_plan_records(compiled, compute_units: str = DEFAULT_COMPUTE_UNITS, function: str = "main") -> list[dict]:
+    """Where Core ML plans to run each op of a compiled model (.mlmodelc), macOS 14.4+ (MLComputePlan): one
+    plain record per non-constant op, {"name" (its first output, as in the package), "op_type", "device"
+    (neural_engine, gpu, cpu or None when unknown), "supported" (devices), "cost" (Core ML's estimated share
+    of the model's work, or None)}."""
+    import_coremltools()                                          # quietly, before its submodule
+    from coremltools.models.compute_plan import MLComputePlan
+    plan = MLComputePlan.load_from_path(path=str(compiled), compute_units=compute_unit(compute_units))
+    program = plan.model_structure.program
+    if program is None:
+        raise PackageError(f"{compiled} is not an ML Program")
+    records = []
+    for op in program.functions[function].block.operations:
+        if op.operator_name == "const":
+            continue
+        usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+        cost = plan.get_estimated_cost_for_mlprogram_operation(op)
+        device = lambda d: DEVICE_NAMES.get(type(d).__name__, type(d).__name__)
+        records.append({"name": op.outputs[0].name if op.outputs else "", "op_type": op.operator_name,
+                        "device": device(usage.preferred_compute_device) if usage else None,
+                        "supported": [device(d) for d in usage.supported_compute_devices] if usage else [],
+                        "cost": cost.weight if cost else None})
+    return records
+
+
+def describe_load(report: dict) -> str:
+    """One line on how Core ML got the model, for stderr."""
+    if report["cache"] == "off":
+        return f"compiled and loaded in {report['load_s']:.1f} s (--no-cache)"
+    if report["cache"] == "miss":
+        return (f"compiled in {report['compile_s']:.1f} s into the cache, loaded in {report['load_s']:.1f} s "
+                f"(hash {report['hash_s']:.1f} s)")
+    return f"loaded from the cache in {report['load_s']:.1f} s (hash {report['hash_s']:.1f} s)"
+
+
 class PackageRunner:
     """Loads a package once and runs it: Core ML on the Neural Engine (macOS) or the emulator."""
 
-    def __init__(self, path, backend: str = "auto", pessimistic: bool = False, function: str | None = None):
+    def __init__(self, path, backend: str = "auto", pessimistic: bool = False, function: str | None = None,
+                 compute_units: str = DEFAULT_COMPUTE_UNITS, use_cache: bool = True):
         self.path, self.backend = Path(path), resolve_backend(backend)
+        compute_unit(compute_units)                   # an unknown name: the same error on every OS
         spec = package_spec(self.path)                # the clear error for a missing or foreign path, first
         self.function = resolve_function(spec, function, self.path)
+        self.compute_units, self.load_report = compute_units, None
         try:
             if self.backend == "coreml":
-                ct = import_coremltools()
-                named = {"function_name": self.function} if spec.description.functions else {}
-                self._model = ct.models.MLModel(str(self.path), compute_units=ct.ComputeUnit.CPU_AND_NE, **named)
+                function = self.function if spec.description.functions else None
+                self._model, self.load_report = load_coreml(self.path, compute_units, function, use_cache)
             else:
                 from mlprogram_emulator import MLProgramEmulator
                 self._model = MLProgramEmulator(str(self.path), function_name=self.function, pessimistic=pessimistic)
@@ -297,6 +444,12 @@ class PackageRunner:
     def op_inputs(self) -> dict:
         """op name -> parameter -> names read, for the ops `predict(observe=)` reports (emulator only)."""
         return self._model.op_inputs if self.backend == "emulate" else {}
+
+    def describe(self) -> str:
+        """The backend in words, for stderr: 'Core ML (cpu-and-ne, loaded from the cache in 0.4 s ...)'."""
+        if self.backend == "coreml":
+            return f"Core ML ({self.compute_units}, {describe_load(self.load_report)})"
+        return "float16 emulator"
 
     def predict(self, inputs: dict, observe=None) -> dict:
         """inputs: name -> int32 array. observe(op_name, op_type, value) sees every op (emulator only)."""

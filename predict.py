@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from evaluation import load_tokenizer
-from mlpackage import (BACKENDS, OUTPUT_NAMES, PackageError, PackageRunner, check_token_ids, input_lengths,
-                       package_inputs, read_metadata)
+from mlpackage import (BACKENDS, OUTPUT_NAMES, PackageError, PackageRunner, add_runtime_arguments, check_token_ids,
+                       input_lengths, package_inputs, read_metadata, resolve_backend, tokenizer_revision)
 from model import POOLED_TASKS, TASKS
 from user_errors import UserError, run_cli
 
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="Core ML (macOS) or the float16 emulator (default auto: Core ML where it exists)")
+    add_runtime_arguments(p)
     p.add_argument("--function", metavar="NAME",
                    help="which head of a multi-function package to run (fill_mask, embed, ...; default: its default)")
     p.add_argument("--tokenizer", metavar="ID", help="tokenizer hub id or folder (default: the one named in the package)")
@@ -459,6 +460,7 @@ def plural(n: int, word: str) -> str:
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
+    resolve_backend(args.backend)                       # --backend coreml off macOS: refused before any work
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {args.top_k})")
     meta = package_metadata(args.package, args.function)
@@ -470,7 +472,7 @@ def main(argv) -> int:
     source = args.tokenizer or meta.get("tokenizer")
     if not source:
         raise UserError("the package names no tokenizer; pass --tokenizer ID_OR_FOLDER")
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, revision=None if args.tokenizer else tokenizer_revision(meta))
     lengths = input_lengths(args.package, meta["function"])
     seqs = [encode(tokenizer, text, f"text {i + 1}", lengths[-1], args.truncate, pair)
             for i, (text, pair) in enumerate(zip(inputs, pairs))]
@@ -481,10 +483,11 @@ def main(argv) -> int:
         check_masks(seqs, tokenizer, meta)
     pad_id = special_token_id(tokenizer, meta, "pad")
 
-    runner = PackageRunner(args.package, args.backend, function=meta["function"])
+    runner = PackageRunner(args.package, args.backend, function=meta["function"], compute_units=args.compute_units,
+                           use_cache=not args.no_cache)
     outs, predictions = run_all(runner, meta, seqs + label_seqs, lengths, pad_id, max_texts)
     ran = plural(len(texts), "text") + (f" and {plural(len(labels), 'label')}" if labels else "")
-    print(f"backend: {'Core ML' if runner.backend == 'coreml' else 'float16 emulator'} "
+    print(f"backend: {runner.describe()} "
           f"({ran} in {plural(predictions, 'prediction')})", file=sys.stderr)
 
     results = [{"text": text, **({"pair": pair} if pair is not None else {}),
@@ -492,7 +495,7 @@ def main(argv) -> int:
                 **task_result(task, out["rows"], ids, tokenizer, meta, args, tokenized)}
                for text, tokenized, pair, ids, out in zip(texts, inputs, pairs, seqs, outs)]
     doc = {"package": str(args.package), "function": meta["function"], "task": task, "backend": runner.backend,
-           "predictions": predictions, "results": results}
+           "coreml_load": runner.load_report, "predictions": predictions, "results": results}
     if task == "embed":
         add_similarities(doc, np.stack([o["rows"] for o in outs]), labels)
 
