@@ -24,7 +24,7 @@ compressed weight counts as its stored parts), each once, as one prediction read
 `activation_bytes_read` / `activation_bytes_written` sum every op's non-constant inputs / outputs;
 `largest_activation` is the largest single op output.
 """
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
