@@ -21,6 +21,8 @@ from pathlib import Path, PurePosixPath
 from user_errors import UserError
 
 DEFAULT_MODEL = "answerdotai/ModernBERT-base"
+# the small ModernBERT this project trained itself (bench/train_reference.py): the offline alternative
+BUNDLED_MODEL = Path(__file__).resolve().parent / "tests" / "data" / "reference"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a conversion needs from a hub repository; everything else (ONNX exports, pickles...) is skipped.
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "2_Dense/*", "3_Normalize/*"]
@@ -78,6 +80,14 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
 
 
+def display_path(path: Path) -> str:
+    """`path` as the user would type it here: relative to the working folder when under it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None]:
     try:
         from huggingface_hub import snapshot_download
@@ -86,7 +96,8 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[P
     except Exception as e:  # offline, unreachable, unknown repo, gated...: all end the same way for the user
         reason = "the hub is offline or unreachable" if _looks_offline(e) else f"{type(e).__name__}: {e}"
         raise CheckpointError(f"cannot download '{repo_id}' from the Hugging Face hub ({reason}); "
-                              f"pass a local checkpoint folder instead") from e
+                              f"pass a local checkpoint folder instead, e.g. the bundled trained model "
+                              f"{display_path(BUNDLED_MODEL)}") from e
     folder = Path(folder)
     commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
     if not allow_pickle and not any(folder.rglob("*.safetensors")) and _hub_has_pickle(repo_id, commit):

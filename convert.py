@@ -580,7 +580,7 @@ def main(argv) -> int:
         steps.done()
         from rotations.strategy import format_strategies, metadata_rows, measure_name
         args.rotation, args.norm = chosen["rotation"], chosen["norm"]
-        strategy = {"chosen_by": "measurement", "measure": measure_name(model.task),
+        strategy = {"chosen_by": "measurement", "measure": measure_name(model.task, rows),
                     "compress": args.compress, "candidates": metadata_rows(rows, model.task)}
         strategy_lines = [f"float16 strategy (--rotation auto, {steps.times[steps.what]:.1f} s; model.py float16 "
                           f"against float32 transformers on the evaluation texts"

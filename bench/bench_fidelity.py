@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--only", help="run the configurations whose label contains this text")
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="fidelity-"))
-    rows = ["| configuration | lengths | rotation | top-1 | kl_mean | cosine_min | pessimistic: top-1 | kl_mean | "
+    rows = ["| configuration | lengths | float16 strategy | top-1 | kl_mean | cosine_min | pessimistic: top-1 | kl_mean | "
             "cosine_min | nonfinite |", "|---|---|---|---|---|---|---|---|---|---|"]
     for i, (label, build, options) in enumerate(CASES):
         if args.only and args.only not in label:
@@ -85,9 +85,10 @@ def main() -> None:
 
 
 def package_rotation(package: Path) -> str:
-    """The rotation the package was converted with (convert.py records it in the metadata)."""
+    """The float16 strategy the package was converted with (convert.py records it in the metadata)."""
     from mlpackage import read_metadata
-    return str(read_metadata(package).get("rotation", "?"))
+    meta = read_metadata(package)
+    return f"{meta.get('rotation', '?')} + {meta.get('norm') or 'fused'} norm"
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 
 from diff_torch import run_model
 from evaluation import COSINE_TASKS, output_metrics, overflow_metrics
-from model import ModernBert
+from model import ActivationProbe, ModernBert
 from rotations.fuse import rotate_model
 
 # what `convert.py --rotation auto` weighs. "fused" is left out: its squares overflow float16 once a
@@ -41,7 +41,8 @@ def measure(model: ModernBert, rotation: str, norm: str, seed: int, reference: n
     candidate = apply_strategy(copy.deepcopy(model), rotation, norm, seed)
     if compress is not None:
         compress(candidate)
-    ours, probe = run_model(candidate.half(), input_ids, attention_mask, torch.float16)
+    probe = ActivationProbe()
+    ours = run_model(candidate.half(), input_ids, attention_mask, torch.float16, probe)
     metrics = output_metrics(model.task, reference, ours["output"], attention_mask.numpy())
     row = {"rotation": rotation, "norm": norm, **metrics, **overflow_metrics(probe)}
     return {**row, "output": ours["output"]} if keep_output else row
@@ -51,7 +52,8 @@ def score_key(task: str):
     """Sort key of a measured candidate: safe ones first, then the task's measure (best first)."""
     def key(row: dict):
         unsafe = row["overflow_count"] > 0 or row["nonfinite"] > 0
-        return (unsafe, -row["cosine_min"] if task in COSINE_TASKS else row["kl_mean"])
+        name = measure_name(task, [row])
+        return (unsafe, -row[name] if name == "cosine_min" else row[name])
     return key
 
 
@@ -60,8 +62,12 @@ def choose(rows: list[dict], task: str) -> dict:
     return min(rows, key=score_key(task))
 
 
-def measure_name(task: str) -> str:
-    return "cosine_min" if task in COSINE_TASKS else "kl_mean"
+def measure_name(task: str, rows=()) -> str:
+    """What ranks the candidates: cosine for vectors, KL for distributions, the score's error for a one-label
+    head (its softmax is always 1: output_metrics reports score errors instead of KL)."""
+    if task in COSINE_TASKS:
+        return "cosine_min"
+    return "score_abs_error_mean" if rows and "kl_mean" not in rows[0] else "kl_mean"
 
 
 def rounded(value, digits: int = 3):
@@ -70,14 +76,14 @@ def rounded(value, digits: int = 3):
 
 
 def metadata_rows(rows: list[dict], task: str) -> list[dict]:
-    keys = ["rotation", "norm", measure_name(task), "overflow_count", "nonfinite"]
-    keys += ["top1_agreement"] if task not in COSINE_TASKS else []
+    keys = ["rotation", "norm", measure_name(task, rows), "overflow_count", "nonfinite"]
+    keys += ["top1_agreement"] if rows and "top1_agreement" in rows[0] else []
     return [{k: rounded(row[k]) for k in keys} for row in rows]
 
 
 def format_strategies(rows: list[dict], task: str, chosen: dict) -> str:
     """The comparison table printed by convert.py (Markdown)."""
-    name = measure_name(task)
+    name = measure_name(task, rows)
     lines = [f"| rotation | norm | {name} | overflow_count | nonfinite | chosen |", "|---|---|---|---|---|---|"]
     for row in rows:
         mark = "yes" if row is chosen else ""

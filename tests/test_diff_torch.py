@@ -114,8 +114,10 @@ def assert_names_its_token(row: dict):
 
 
 def test_delimiter_and_ordinary_tokens_of_an_outlier_checkpoint(checkpoint_factory, tmp_path, capsys):
-    """[CLS]/[SEP] carry ~3e4 there: they are the delimiter tokens, and float16 hurts them most."""
-    code, m, out, _ = json_run([checkpoint_factory("tiny", outliers=True), "--precision", "float16"], tmp_path, capsys)
+    """[CLS]/[SEP] carry ~3e4 there: they are the delimiter tokens, and unrotated float16 (whose fused LayerNorm
+    overflows on them) hurts them most."""
+    code, m, out, _ = json_run([checkpoint_factory("tiny", outliers=True), "--precision", "float16",
+                                "--rotation", "none"], tmp_path, capsys)
     assert code == 0
     delimiters, ordinary = m["delimiter_tokens"], m["ordinary_tokens"]
     assert delimiters["tokens"] == 2 * len(EVAL_TEXTS) and delimiters["tokens"] + ordinary["tokens"] == m["tokens"]

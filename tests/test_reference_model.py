@@ -126,3 +126,35 @@ def test_predict_fills_code_with_words_not_byte_pieces(packages, capsys):
     tokens = [c["token"] for c in doc["results"][0]["masks"][0]["predictions"]]
     assert not any("Ġ" in t for t in tokens)
     assert " range" in tokens
+
+
+def quick_start_commands() -> list[str]:
+    """The README's quick-start lines that run the project's scripts."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].split() for line in block.splitlines()
+            if line.startswith(("python convert.py", "python predict.py"))]
+
+
+def test_readme_quick_start_works_offline(tmp_path):
+    """A new user without hub access: the bare `python convert.py` names the bundled model in one line, and the
+    README's own commands convert it and fill a mask with a word of the corpus."""
+    import os
+    import subprocess
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    commands = quick_start_commands()
+    assert [c[:2] for c in commands] == [["python", "convert.py"], ["python", "predict.py"], ["python", "convert.py"]]
+    bare = subprocess.run([sys.executable, str(ROOT / "convert.py")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    lines = bare.stderr.strip().splitlines()
+    assert bare.returncode == 2 and len(lines) == 1 and "offline" in lines[0]
+    assert lines[0].endswith("tests/data/reference") and (ROOT / "tests" / "data" / "reference").is_dir()
+    for command in commands[:2]:                      # run from a copy's point of view: paths as the README gives them
+        argv = [sys.executable, str(ROOT / command[1])] + [
+            str(ROOT / a) if a.startswith("tests/") else a for a in command[2:]]
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "reference.mlpackage").is_dir()
+    out = done.stdout.splitlines()
+    first = out[next(i for i, line in enumerate(out) if "[MASK] at token" in line) + 1]
+    assert first.split()[1] == '" range"', done.stdout           # the most likely word
