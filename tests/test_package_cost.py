@@ -41,8 +41,8 @@ def tiny_packages(checkpoint_factory, tmp_path_factory):
                           ("int8", ["--seq-len", "32", "--compress", "int8"])):
         made[name] = out / f"{name}.mlpackage"
         with pytest.raises(SystemExit) as e:
-            run_cli(convert.main, [str(folder), *options, "--local-attention", "masked", "--skip-check",
-                                   "-o", str(made[name])])
+            run_cli(convert.main, [str(folder), *options, "--local-attention", "masked", "--rotation", "hadamard",
+                                   "--skip-check", "-o", str(made[name])])
         assert e.value.code == 0
     return made, vocab(folder)
 
