@@ -2,7 +2,7 @@
 
 Knows nothing of ModernBERT's modules, only of what a package of ours declares about itself. Core ML
 prediction exists on macOS only; `PackageRunner` is the one place that chooses between it and the
-float16 emulator (`mlprogram_emulator.py`), so the macOS path stays thin. On macOS a package is compiled
+float16 emulator (`modernbert_ane/coreml/emulator/`), so the macOS path stays thin. On macOS a package is compiled
 once into a cache keyed by its content hash and loaded from there (`load_coreml`).
 """
 import hashlib
@@ -433,7 +433,7 @@ class PackageRunner:
                 function = self.function if spec.description.functions else None
                 self._model, self.load_report = load_coreml(self.path, compute_units, function, use_cache)
             else:
-                from mlprogram_emulator import MLProgramEmulator
+                from modernbert_ane.coreml.emulator import MLProgramEmulator
                 self._model = MLProgramEmulator(str(self.path), function_name=self.function, pessimistic=pessimistic)
         except NotImplementedError:                   # an op the emulator lacks: its own message
             raise

@@ -1,6 +1,6 @@
 """FLOP and byte counts of a saved ML Program, per op, from its shapes: on any OS, without Core ML.
 
-The program is read with the emulator's loader (`mlprogram_emulator`), not rebuilt by coremltools. A
+The program is read with the emulator's loader (`modernbert_ane/coreml/emulator/loader.py`), not rebuilt by coremltools. A
 fixed-shape function declares every tensor's shape in the file; a flexible one (several `--seq-len`
 values, `EnumeratedShapes`) leaves the sequence axes unknown there, so it is run once per length on the
 emulator (all-zero ids) and the shapes are read off its outputs: the counts of a length are exact for
@@ -66,13 +66,13 @@ class OpCost:
 
 
 def _emulator():
-    import mlprogram_emulator
-    return mlprogram_emulator
+    import modernbert_ane.coreml.emulator
+    return modernbert_ane.coreml.emulator
 
 
 def dtype_bits(dtype_name: str) -> int:
     """Bits per element of a MIL dtype name ("FLOAT16" -> 16, "UINT4" -> 4), from the emulator's table."""
-    npdt, nbits, _ = _emulator()._MIL_DTYPES.get(dtype_name, (None, 0, False))
+    npdt, nbits, _ = _emulator().loader.MIL_DTYPES.get(dtype_name, (None, 0, False))
     return nbits or (npdt.itemsize * 8 if npdt is not None else 0)
 
 
@@ -82,14 +82,14 @@ class Program:
 
     def __init__(self, package, function: str | None = None):
         emu = _emulator()
-        spec, weights_dir = emu._read_package(package)
+        spec, weights_dir = emu.loader.read_package(package)
         functions = spec.mlProgram.functions
         function = function or spec.description.defaultFunctionName or "main"
         if function not in functions:
             raise ValueError(f"{package} has no function '{function}' (it has {', '.join(sorted(functions))})")
         self.package, self.function = Path(package), function
         func = functions[function]
-        reader = emu._ProtoReader(weights_dir)
+        reader = emu.loader.ProtoReader(weights_dir)
         self.types = {nvt.name: reader.tensor_type(nvt.type) for nvt in func.inputs}
         self.input_names = [nvt.name for nvt in func.inputs]
         self.ops, self.const_bytes, self.values = [], {}, {}

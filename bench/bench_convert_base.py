@@ -20,7 +20,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 EMULATE = """
 import sys, time, numpy as np
 sys.path.insert(0, {root!r})
-from mlprogram_emulator import MLProgramEmulator
+from modernbert_ane.coreml.emulator import MLProgramEmulator
 t = time.perf_counter()
 emu = MLProgramEmulator({package!r})
 load = time.perf_counter() - t

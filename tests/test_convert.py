@@ -16,7 +16,7 @@ from checkpoints import CONFIGS, build_tokenizer
 from evaluation import EVAL_TEXTS, distribution_metrics, reference_model, tokenize
 from checkpoint import resolve_checkpoint
 from mlpackage import input_lengths, read_metadata
-from mlprogram_emulator import MLProgramEmulator
+from modernbert_ane.coreml.emulator import MLProgramEmulator
 from user_errors import run_cli
 
 WINDOW = CONFIGS["tiny"]["local_attention"]          # 16: a token sees neighbours within 8

@@ -8,7 +8,7 @@
    ids); model.ModernBert.segments / mask_biases / block_mask_bias agree with NumPy references
    (positions restart at 0 per text, block-diagonal attention, the blockwise local mask is the dense
    one in block layout); predict.pack_groups / run_all hand every text back its own rows.
-3. mlprogram_emulator against NumPy: tiny MIL programs with flexible (RangeDim) inputs, compiled
+3. the emulator against NumPy: tiny MIL programs with flexible (RangeDim) inputs, compiled
    once per op family and cached for the module; hypothesis draws the shapes and float16 values.
    Binary elementwise ops must be bit-exact IEEE float16 arithmetic (float32 compute + one rounding
    is exact for + - * /); everything else must lie within one float16 ulp of a float64 reference
@@ -34,12 +34,13 @@ from hypothesis.extra import numpy as hnp
 import predict
 from evaluation import EVAL_TEXTS, load_tokenizer, tokenize
 from mlpackage import package_inputs
-from mlprogram_emulator import MLProgramEmulator, _f16
+from modernbert_ane.coreml.emulator import MLProgramEmulator
+from modernbert_ane.coreml.emulator.numerics import f16 as _f16
 from model import MASK_FILL, ModernBert, ModernBertConfig
 from user_errors import UserError
 from checkpoints import build_tokenizer
 from quiet_coremltools import import_coremltools
-from test_mlprogram_emulator import FP16, _quiet_convert, f16      # the shared MIL conversion helpers
+from test_emulator import FP16, _quiet_convert, f16      # the shared MIL conversion helpers
 
 ct = import_coremltools()
 from coremltools.converters.mil import Builder as mb  # noqa: E402

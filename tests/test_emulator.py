@@ -1,4 +1,4 @@
-"""Tests for mlprogram_emulator: convert tiny torch modules / MIL programs with coremltools,
+"""Tests for the emulator (modernbert_ane/coreml/emulator): convert tiny torch modules / MIL programs with coremltools,
 save them as .mlpackage, run them with the NumPy emulator and compare with float32 references."""
 import math
 import sys
@@ -18,8 +18,8 @@ import torch.nn.functional as F  # noqa: E402
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
-import mlprogram_emulator as emu_mod  # noqa: E402
-from mlprogram_emulator import (  # noqa: E402
+import modernbert_ane.coreml.emulator as emu_mod  # noqa: E402
+from modernbert_ane.coreml.emulator import (  # noqa: E402
     EmulationError,
     MLProgramEmulator,
     NotAnMLPackageError,
@@ -296,7 +296,7 @@ def test_observe_is_called_for_every_op(encoder):
 
 
 def test_missing_op_in_dispatch_table_raises_unsupported(encoder, monkeypatch):
-    monkeypatch.delitem(emu_mod._OPS, "softmax")
+    monkeypatch.delitem(emu_mod.registry.OPS, "softmax")
     with pytest.raises(UnsupportedOpError) as e:
         MLProgramEmulator(encoder[1])
     msg = str(e.value)
@@ -938,10 +938,10 @@ def test_fast_float16_rounding_is_bit_exact():
     x = np.concatenate([x, edge, -edge])
     with np.errstate(all="ignore"):
         expected = x.astype(np.float16).astype(np.float32)
-    got = emu_mod._f16(x)
+    got = emu_mod.numerics.f16(x)
     np.testing.assert_array_equal(got, expected)
     assert np.array_equal(np.signbit(got), np.signbit(expected))
-    assert emu_mod._f16(np.float32(70000.0)).shape == ()
+    assert emu_mod.numerics.f16(np.float32(70000.0)).shape == ()
 
 
 def test_required_op_types_are_supported():

@@ -1,0 +1,1 @@
+"""modernbert-ane: ModernBERT for the Apple Neural Engine."""

@@ -1,0 +1,1 @@
+"""The Core ML side: what reads, runs and checks a saved package."""
