@@ -26,11 +26,12 @@ import torch
 
 from ane_readiness import Readiness
 from checkpoint import DEFAULT_MODEL, check_rotation, read_prompts, resolve_checkpoint
-from evaluation import (COSINE_TASKS, EVAL_TEXTS, cosine_metrics, distribution_metrics, load_tokenizer,
+from evaluation import (EVAL_TEXTS, cosine_metrics, distribution_metrics, load_tokenizer,
                         reference_model, reference_outputs, tokenize)
-from mlpackage import (BACKENDS, OUTPUT_NAMES, PROJECT_VERSION, PackageRunner, function_description, package_inputs,
+from mlpackage import (BACKENDS, PROJECT_VERSION, PackageRunner, function_description, package_inputs,
                        package_spec, save_spec, write_metadata, written_by_convert)
-from model import NORM_KINDS, POOLED_TASKS, TASKS, ModernBert
+from model import NORM_KINDS, ModernBert
+from modernbert_ane.tasks import COSINE_TASKS, OUTPUT_NAMES, POOLED_TASKS, SPECS, TASKS
 from output_files import Ours, check_output as check_output_file, publish, staging_folder
 from package_cost import metadata_entry, package_costs
 from quiet_coremltools import import_coremltools
@@ -38,13 +39,6 @@ from rotations import ROTATION_KINDS, rotate_model
 from rotations.fuse import SEEDED_KINDS
 from user_errors import UserError, run_cli, writing
 
-OUTPUT_DESCRIPTIONS = {
-    "fill-mask": "masked-LM logits over the vocabulary, (1, S, vocab)",
-    "encoder": "last hidden states (after the final norm), (1, S, hidden)",
-    "classify": "sequence classification logits, (1, K, labels): one row per packed text; labels in the metadata",
-    "token-classify": "per-token classification logits, (1, S, labels); labels in the metadata",
-    "embed": "sentence embeddings (pooling, dense, normalization included), (1, K, dim): one row per packed text",
-}
 MASK_DESCRIPTION = {False: "1 for a token, 0 for padding, int32",
                     True: "which packed text a token belongs to (1..K, texts contiguous and in order), 0 for "
                           "padding, int32; a single text is all 1s"}
@@ -116,7 +110,7 @@ def default_output_name(source: str, tasks: list[str], rotation: str, seed: int,
 
 def function_name(task: str) -> str:
     """A multi-function package's function for a task (function names are identifiers: fill_mask)."""
-    return task.replace("-", "_")
+    return SPECS[task].function
 
 
 def package_function(task: str, n_tasks: int) -> str | None:
@@ -423,7 +417,7 @@ def describe_package(package: Path, models: dict, metadata: dict, ckpt, args, le
             feature.shortDescription = (MASK_DESCRIPTION[model.max_texts > 1] if feature.name == "attention_mask"
                                         else "token ids from the model's tokenizer ([CLS] ... [SEP], then [PAD]), int32")
         for feature in function.output:
-            feature.shortDescription = OUTPUT_DESCRIPTIONS[task]
+            feature.shortDescription = SPECS[task].description
     save_spec(package, spec)
 
 

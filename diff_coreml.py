@@ -24,7 +24,8 @@ from evaluation import (EVAL_TEXTS, Accounting, check_gates, check_output_path, 
                         reference_model, reference_outputs, residual_peaks, tokenize, valid_rows, write_json)
 from mlpackage import (BACKENDS, PackageRunner, add_runtime_arguments, check_token_ids, input_lengths, read_metadata,
                        resolve_backend, tokenizer_revision)
-from model import FLOAT16_MAX, MASK_FILL, POOLED_TASKS, ActivationProbe, ModernBert, ModernBertConfig
+from model import FLOAT16_MAX, MASK_FILL, ActivationProbe, ModernBert, ModernBertConfig
+from modernbert_ane.tasks import POOLED_TASKS
 from report import check_report_folder, write_report
 from user_errors import UserError, run_cli
 

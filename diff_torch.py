@@ -24,7 +24,8 @@ from evaluation import (EVAL_TEXTS, Accounting, check_gates, check_output_path, 
                         merge_compare_rows, output_measure, overflow_metrics, reference_model, reference_outputs,
                         residual_peaks, tokenize, valid_rows, write_json)
 from checkpoint import DEFAULT_MODEL, check_rotation, resolve_checkpoint
-from model import POOLED_TASKS, TASKS, ActivationProbe, ModernBert
+from model import ActivationProbe, ModernBert
+from modernbert_ane.tasks import POOLED_TASKS, TASKS
 from report import check_report_folder, write_report
 from rotations import ROTATION_KINDS, rotate_model
 from user_errors import run_cli

@@ -9,7 +9,7 @@ import torch
 
 from checkpoint import (TOKENIZER_FILES, Checkpoint, CheckpointError, check_files, check_finite, check_weight_files,
                         is_hub_id, read_json)
-from model import POOLED_TASKS
+from modernbert_ane.tasks import COSINE_TASKS, POOLED_TASKS, SPECS
 from output_files import check_output, json_with_keys, write_file
 from user_errors import UserError
 
@@ -105,23 +105,20 @@ def reference_model(ckpt: Checkpoint, task: str):
     """transformers' own ModernBERT for the same checkpoint and task, float32, eager attention."""
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    classes = {"fill-mask": "ModernBertForMaskedLM", "encoder": "ModernBertModel", "embed": "ModernBertModel",
-               "classify": "ModernBertForSequenceClassification",
-               "token-classify": "ModernBertForTokenClassification"}
-    cls = getattr(transformers, classes[task])
+    cls = getattr(transformers, SPECS[task].hf_class)
     check_weight_files(ckpt.path, ckpt.allow_pickle)            # pickles only when allowed; truncated files
     transformers.utils.logging.set_verbosity_error()            # its load report: we say what is wrong
     try:
         model, info = cls.from_pretrained(str(ckpt.path), attn_implementation="eager", dtype=torch.float32,
                                           output_loading_info=True, ignore_mismatched_sizes=True)
     except Exception as e:
-        raise CheckpointError(f"transformers cannot load {ckpt.path} as {classes[task]}: {e}") from e
+        raise CheckpointError(f"transformers cannot load {ckpt.path} as {SPECS[task].hf_class}: {e}") from e
     check_finite(model.state_dict(), ckpt.path)                 # NaN or inf weights: refused with their name
     missing = sorted(info.get("missing_keys") or [])            # transformers would fill them with random values
     mismatched = sorted(f"{k[0]} {tuple(k[1])} (expected {tuple(k[2])})" if isinstance(k, tuple) else str(k)
                         for k in info.get("mismatched_keys") or [])
     if missing or mismatched:
-        raise CheckpointError(f"weights in {ckpt.path} do not match {classes[task]}: "
+        raise CheckpointError(f"weights in {ckpt.path} do not match {SPECS[task].hf_class}: "
                               + "; ".join(([f"missing {', '.join(missing[:5])}"] if missing else []) +
                                           ([f"shape of {', '.join(mismatched[:5])}"] if mismatched else [])))
     return model.eval()
@@ -182,7 +179,6 @@ def reference_outputs(ref, task: str, input_ids, attention_mask, ckpt: Checkpoin
 
 # ----------------------------------------------------------------------------- metrics
 
-COSINE_TASKS = ("encoder", "embed")              # compared by cosine, the rest by KL (or score error, one label)
 MEASURES = ("kl", "cosine", "score")
 ROW_CHUNK = 32                   # rows of outputs measured at a time: a 256k-vocabulary row is 2 MB in float64
 SCORE_FLOOR = 1e-3               # relative score error divides by max(|reference score|, this): no 0/0 near zero

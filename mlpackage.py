@@ -24,9 +24,6 @@ from user_errors import UserError
 PROJECT_VERSION = "0.1.0"
 METADATA_PREFIX = "modernbert_ane."
 BACKENDS = ("auto", "coreml", "emulate")
-# each task's output, as convert.py names it (and records it in the metadata's "output")
-OUTPUT_NAMES = {"fill-mask": "logits", "encoder": "hidden_states", "classify": "logits", "token-classify": "logits",
-                "embed": "embeddings"}
 
 
 class PackageError(UserError):

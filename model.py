@@ -19,17 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import Checkpoint, CheckpointError, load_state_dict, read_json, resolve_checkpoint
+from modernbert_ane.tasks import ARCHITECTURE_TASKS, POOLED_TASKS, TASKS
 
 MASK_FILL = -1e4            # float16-safe "minus infinity": exp(-1e4) == 0, and -2e4 (two masks added) is finite
 FLOAT16_MAX = 65504.0
-TASKS = ("fill-mask", "encoder", "classify", "token-classify", "embed")
-POOLED_TASKS = ("classify", "embed")        # one output row per text; per-token tasks: one per token
-ARCHITECTURE_TASKS = {
-    "ModernBertForMaskedLM": "fill-mask",
-    "ModernBertModel": "encoder",
-    "ModernBertForSequenceClassification": "classify",
-    "ModernBertForTokenClassification": "token-classify",
-}
 
 
 # -----------------------------------------------------------------------------

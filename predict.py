@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from evaluation import load_tokenizer
-from mlpackage import (BACKENDS, OUTPUT_NAMES, PackageError, PackageRunner, add_runtime_arguments, check_token_ids,
+from mlpackage import (BACKENDS, PackageError, PackageRunner, add_runtime_arguments, check_token_ids,
                        input_lengths, package_inputs, read_metadata, resolve_backend, tokenizer_revision)
-from model import POOLED_TASKS, TASKS
+from modernbert_ane.tasks import OUTPUT_NAMES, POOLED_TASKS, TASKS
 from user_errors import UserError, run_cli
 
 SHOW_VALUES = 8                                    # embedding values shown (all of them with --json)

@@ -27,7 +27,8 @@ TASKS = ("fill-mask", "classify", "encoder")
 
 def ordinary_cosine(task, reference, output, ids, mask, tokenizer) -> str:
     """The worst cosine of an ordinary token (not [CLS]/[SEP]) between the two outputs, per-token tasks only."""
-    from evaluation import POOLED_TASKS, cosine_per_row
+    from evaluation import cosine_per_row
+    from modernbert_ane.tasks import POOLED_TASKS
     if task in POOLED_TASKS:
         return "–"
     ids = ids.numpy()

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from diff_torch import run_model
-from evaluation import COSINE_TASKS, output_metrics, overflow_metrics
+from evaluation import output_metrics, overflow_metrics
+from modernbert_ane.tasks import COSINE_TASKS
 from model import ActivationProbe, ModernBert
 from rotations.fuse import rotate_model
 

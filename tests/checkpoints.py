@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from evaluation import EVAL_TEXTS
+from modernbert_ane.tasks import SPECS
 
 SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
 
@@ -107,9 +108,8 @@ def build_tokenizer():
                                    mask_token="[MASK]", model_max_length=8192)
 
 
-TASK_CLASSES = {"fill-mask": "ModernBertForMaskedLM", "encoder": "ModernBertModel",
-                "classify": "ModernBertForSequenceClassification",
-                "token-classify": "ModernBertForTokenClassification"}
+# the tasks transformers has a head class for (embed is a sentence-transformers folder around the encoder)
+TASK_CLASSES = {name: task.hf_class for name, task in SPECS.items() if task.architectures}
 
 
 def build_checkpoint(folder, config: str = "tiny", task: str = "fill-mask", seed: int = 0, *,
