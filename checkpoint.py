@@ -202,6 +202,50 @@ def _transformer_folder(root: Path, modules: list) -> Path:
     raise CheckpointError(f"{root / 'modules.json'} has no {SENTENCE_TRANSFORMERS_TRANSFORMER} module")
 
 
+ST_MODULES = "sentence_transformers.models."
+ST_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}
+
+
+@dataclass
+class SentenceModules:
+    """What a sentence-transformers folder does after the transformer, parsed once (model.py builds its head
+    from it, evaluation.py computes the float32 reference from it)."""
+    pooling: str                # "cls" or "mean"
+    dense: list = field(default_factory=list)   # per Dense module: (weight (out, in), bias or None, activation name)
+    normalize: bool = False
+
+
+def sentence_modules(ckpt: "Checkpoint") -> SentenceModules:
+    """The Pooling, Dense and Normalize modules of a sentence-transformers folder, in order; a plain checkpoint
+    pools by its config's classifier_pooling."""
+    if not ckpt.is_sentence_transformers:
+        return SentenceModules(ckpt.config.get("classifier_pooling", "cls"))
+    pooling, dense, normalize = None, [], False
+    for module in sorted(ckpt.modules, key=lambda m: int(m.get("idx", 0))):
+        kind, folder = module.get("type", ""), ckpt.module_folder(module)
+        if kind == SENTENCE_TRANSFORMERS_TRANSFORMER:
+            continue
+        if kind == ST_MODULES + "Pooling":
+            cfg = read_json(folder / "config.json")
+            modes = [ST_POOLING.get(k, k) for k, v in cfg.items() if k.startswith("pooling_mode") and v]
+            if len(modes) != 1 or modes[0] not in ("cls", "mean") or cfg.get("include_prompt") is False:
+                raise CheckpointError(f"{folder}: pooling {modes} is not supported (cls or mean, one mode)")
+            pooling = modes[0]
+        elif kind == ST_MODULES + "Dense":
+            cfg = read_json(folder / "config.json")
+            act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh").rsplit(".", 1)[-1]
+            tensors = load_state_dict(folder)
+            bias = tensors["linear.bias"].float() if cfg.get("bias", True) else None
+            dense.append((tensors["linear.weight"].float(), bias, act))
+        elif kind == ST_MODULES + "Normalize":
+            normalize = True
+        else:
+            raise CheckpointError(f"sentence-transformers module {kind} is not supported")
+    if pooling is None:
+        raise CheckpointError(f"{ckpt.root / 'modules.json'} has no Pooling module")
+    return SentenceModules(pooling, dense, normalize)
+
+
 def read_prompts(root: Path) -> dict | None:
     """sentence-transformers prompts (name -> text put before the input, e.g. "search_query: ") from
     config_sentence_transformers.json, or None; "default" names the default prompt when there is one."""

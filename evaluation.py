@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from checkpoint import (TOKENIZER_FILES, Checkpoint, CheckpointError, check_files, check_finite, check_weight_files,
-                        is_hub_id, read_json)
+                        is_hub_id, read_json, sentence_modules)
 from modernbert_ane.tasks import COSINE_TASKS, POOLED_TASKS, SPECS
 from output_files import check_output, json_with_keys, write_file
 from user_errors import UserError
@@ -128,28 +128,15 @@ def sentence_embeddings(ckpt: Checkpoint, hidden: torch.Tensor, attention_mask: 
     """sentence-transformers' semantics on transformers' last hidden state (B, S, C) -> (B, D): the
     folder's Pooling (cls or masked mean), Dense layers (activation(linear)) and Normalize, as
     sentence_transformers.models computes them; a plain checkpoint pools by its classifier_pooling."""
-    from checkpoint import load_state_dict
-    modules = sorted(ckpt.modules, key=lambda m: int(m.get("idx", 0))) or [
-        {"type": "Pooling", "pooling": ckpt.config.get("classifier_pooling", "cls")}]
-    x = hidden
-    for module in modules:
-        kind = module["type"].rsplit(".", 1)[-1]
-        folder = ckpt.root / module.get("path", "")
-        if kind == "Pooling":
-            cfg = read_json(folder / "config.json") if "pooling" not in module else {}
-            if module.get("pooling") == "cls" or cfg.get("pooling_mode_cls_token"):
-                x = x[:, 0]
-            else:
-                m = attention_mask.to(x.dtype).unsqueeze(-1)
-                x = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        elif kind == "Dense":
-            cfg = read_json(folder / "config.json")
-            w = load_state_dict(folder)
-            act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh").rsplit(".", 1)[-1]
-            x = getattr(torch.nn, act)()(torch.nn.functional.linear(x, w["linear.weight"], w.get("linear.bias")))
-        elif kind == "Normalize":
-            x = torch.nn.functional.normalize(x, p=2, dim=1)
-    return x
+    modules = sentence_modules(ckpt)
+    if modules.pooling == "cls":
+        x = hidden[:, 0]
+    else:
+        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        x = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    for weight, bias, act in modules.dense:                    # torch.nn's own activation of that name
+        x = getattr(torch.nn, act)()(torch.nn.functional.linear(x, weight, bias))
+    return torch.nn.functional.normalize(x, p=2, dim=1) if modules.normalize else x
 
 
 def reference_outputs(ref, task: str, input_ids, attention_mask, ckpt: Checkpoint | None = None) -> dict:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import Checkpoint, CheckpointError, load_state_dict, read_json, resolve_checkpoint
+from checkpoint import Checkpoint, CheckpointError, load_state_dict, resolve_checkpoint, sentence_modules
 from modernbert_ane.tasks import ARCHITECTURE_TASKS, POOLED_TASKS, TASKS
 
 MASK_FILL = -1e4            # float16-safe "minus infinity": exp(-1e4) == 0, and -2e4 (two masks added) is finite
@@ -635,44 +635,19 @@ class ModernBert(nn.Module):
         self.load_state_dict({**state, **(extra_state or {})}, strict=True)
 
 
-ST_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean"}
-ST_MODULES = "sentence_transformers.models."
-
-
 def sentence_head_from_checkpoint(ckpt: Checkpoint, config: ModernBertConfig) -> tuple[SentenceHead, dict]:
-    """The SentenceHead of a sentence-transformers folder (modules.json: Transformer, Pooling, Dense...,
+    """The SentenceHead of a sentence-transformers folder (checkpoint.sentence_modules: Pooling, Dense...,
     Normalize) and its weights; for a plain checkpoint, the config's classifier_pooling alone."""
-    if not ckpt.is_sentence_transformers:
-        return SentenceHead(config.classifier_pooling), {}
-    pooling, dense, normalize, weights = None, [], False, {}
-    for module in sorted(ckpt.modules, key=lambda m: int(m.get("idx", 0))):
-        kind, folder = module.get("type", ""), ckpt.root / module.get("path", "")
-        if kind == ST_MODULES + "Transformer":
-            continue
-        if kind == ST_MODULES + "Pooling":
-            cfg = read_json(folder / "config.json")
-            modes = [ST_POOLING.get(k, k) for k, v in cfg.items() if k.startswith("pooling_mode") and v]
-            if len(modes) != 1 or modes[0] not in ("cls", "mean") or cfg.get("include_prompt") is False:
-                raise CheckpointError(f"{folder}: pooling {modes} is not supported (cls or mean, one mode)")
-            pooling = modes[0]
-        elif kind == ST_MODULES + "Dense":
-            cfg = read_json(folder / "config.json")
-            act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh").rsplit(".", 1)[-1]
-            if act not in DENSE_ACTIVATIONS:
-                raise CheckpointError(f"{folder}: Dense activation {act} is not supported")
-            tensors = load_state_dict(folder)
-            i = len(dense)
-            weights[f"dense.{i}.weight"] = tensors["linear.weight"][:, :, None, None].float()
-            if cfg.get("bias", True):
-                weights[f"dense.{i}.bias"] = tensors["linear.bias"].float()
-            dense.append((int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg.get("bias", True)), act))
-        elif kind == ST_MODULES + "Normalize":
-            normalize = True
-        else:
-            raise CheckpointError(f"sentence-transformers module {kind} is not supported")
-    if pooling is None:
-        raise CheckpointError(f"{ckpt.root / 'modules.json'} has no Pooling module")
-    return SentenceHead(pooling, dense, normalize), weights
+    modules = sentence_modules(ckpt)
+    dense, weights = [], {}
+    for i, (weight, bias, act) in enumerate(modules.dense):
+        if act not in DENSE_ACTIVATIONS:
+            raise CheckpointError(f"{ckpt.root}: Dense activation {act} is not supported")
+        weights[f"dense.{i}.weight"] = weight[:, :, None, None]               # (out, in) -> 1x1 conv
+        if bias is not None:
+            weights[f"dense.{i}.bias"] = bias
+        dense.append((weight.shape[1], weight.shape[0], bias is not None, act))
+    return SentenceHead(modules.pooling, dense, modules.normalize), weights
 
 
 def _some(keys: list, n: int = 5) -> str:
