@@ -50,10 +50,6 @@ class ModernBertConfig:
     classifier_bias: bool = False
     classifier_activation: str = "gelu"
     num_labels: int = 2
-    pad_token_id: int = 50283
-    cls_token_id: int = 50281
-    sep_token_id: int = 50282
-    mask_token_id: int | None = None     # not in config.json; set from the tokenizer when known
     architectures: tuple = ()
 
     @property
