@@ -15,7 +15,6 @@ import functools
 import os
 import re
 import sys
-import time
 import uuid
 import json
 import warnings
@@ -25,18 +24,19 @@ import numpy as np
 import torch
 
 from ane_readiness import Readiness
-from checkpoint import DEFAULT_MODEL, check_rotation, read_prompts, resolve_checkpoint
+from checkpoint import check_rotation, read_prompts, resolve_checkpoint
 from evaluation import (EVAL_TEXTS, cosine_metrics, distribution_metrics, load_tokenizer,
                         reference_model, reference_outputs, tokenize)
-from mlpackage import (BACKENDS, PROJECT_VERSION, PackageRunner, function_description, package_inputs,
+from mlpackage import (PROJECT_VERSION, PackageRunner, function_description, package_inputs,
                        package_spec, save_spec, write_metadata, written_by_convert)
 from model import NORM_KINDS, ModernBert
-from modernbert_ane.tasks import COSINE_TASKS, OUTPUT_NAMES, POOLED_TASKS, SPECS, TASKS
+from modernbert_ane.tasks import COSINE_TASKS, OUTPUT_NAMES, POOLED_TASKS, SPECS
 from output_files import Ours, check_output as check_output_file, publish, staging_folder
 from package_cost import metadata_entry, package_costs
 from quiet_coremltools import import_coremltools
 from rotations import ROTATION_KINDS, rotate_model
 from rotations.fuse import SEEDED_KINDS
+from modernbert_ane import cli
 from user_errors import UserError, run_cli, writing
 
 MASK_DESCRIPTION = {False: "1 for a token, 0 for padding, int32",
@@ -53,46 +53,30 @@ CHECK_MIN_COSINE = 0.99
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hub id or local folder (default {DEFAULT_MODEL})")
+    p = cli.parser(__doc__)
+    cli.add_checkpoint(p)
     p.add_argument("--seq-len", type=int, nargs="+", default=[512], metavar="N",
                    help="sequence length(s) the package accepts (default 512)")
-    p.add_argument("--task", choices=TASKS, nargs="+",
-                   help="default: from the checkpoint's architectures; several make a multi-function package "
-                        "(one function per task, named fill_mask, embed, ...; the encoder's weights stored once)")
-    p.add_argument("--rotation", choices=("auto",) + ROTATION_KINDS, default="auto",
-                   help="orthogonal rotation fused into the weights (identity: norms folded, stream centred, not "
-                        "rotated); auto (default): measure the candidate float16 strategies (none, identity or "
-                        "hadamard with a safe norm, none with l2eps) in float16 on the evaluation texts against "
-                        "float32 transformers and convert the best")
-    p.add_argument("--norm", choices=NORM_KINDS,
-                   help="form of every norm: fused (one layer_norm op; overflows with massive activations), safe "
-                        "(scaled by max|x| before squaring), l2eps (L2 norm with an epsilon channel); default: "
-                        "measured with --rotation auto, safe otherwise")
-    p.add_argument("--seed", type=int, default=0, help="rotation seed (default 0)")
+    cli.add_task(p, several=True)
+    cli.add_strategy(p, ("auto",) + ROTATION_KINDS, default="auto", norms=NORM_KINDS)
     p.add_argument("--deployment-target", choices=sorted(TARGETS), default="macOS15",
                    help="minimum OS (default macOS15 = iOS18 ops; macOS14/iOS17 only for a single --seq-len)")
     p.add_argument("--local-attention", choices=("auto", "masked", "blockwise"), default="auto",
                    help="sliding-window layers: blockwise (O(S*window), lengths multiples of the window radius) "
                         "or masked (an S x S mask); auto: blockwise when it fits and S > 2 windows")
-    p.add_argument("--query-chunk", type=int, help="global attention in query chunks of N tokens (single --seq-len)")
+    cli.add_query_chunk(p)
     p.add_argument("--max-texts", type=int, default=1, metavar="K",
                    help="pack up to K texts into one prediction (attention_mask carries segment ids; default 1)")
     p.add_argument("--compress", choices=COMPRESS_MODES, default="none",
                    help="int8: per-channel symmetric int8 weights (about half the size); palettizeN: 2^N-entry "
                         "k-means palettes per group of 32 output channels (N/16 of the size; macOS15/iOS18); "
                         "convs and token embeddings; default none (float16 weights)")
-    p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the checkpoint's own)")
-    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read pytorch_model.bin when a checkpoint has no safetensors (tensors only, weights_only=True)")
+    cli.add_tokenizer(p)
     p.add_argument("-o", "--output", help="output .mlpackage (default: named from model, task, rotation (auto: "
                                           "'auto', whatever was chosen), norm when given, lengths)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--check-backend", choices=BACKENDS, default="auto",
-                   help="what runs the correctness check: Core ML (macOS) or the emulator (default auto)")
+    cli.add_force(p)
+    cli.add_backend(p, check=True)
     p.add_argument("--skip-check", action="store_true", help="do not run the package after converting")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -161,38 +145,6 @@ def check_output(output: Path, inputs, force: bool) -> None:
     if output.suffix != ".mlpackage":
         raise UserError(f"output must end in .mlpackage: {output}")
     check_output_file(output, force, inputs=inputs, folder=True, ours=OURS)
-
-
-class Progress:
-    """"[2/6] tracing at 512 tokens ..." on stderr when a step starts, its seconds when it ends. A step
-    that reads the user's input is announced only once it succeeded (`announce="done"`), so bad input
-    gets its one error line on stderr and nothing else."""
-
-    def __init__(self, steps: int):
-        self.steps, self.step, self.times = steps, 0, {}
-
-    def start(self, what: str, announce: str = "start") -> None:
-        self.step += 1
-        self.what, self.t0, self.announce = what, time.perf_counter(), announce
-        if announce == "start":
-            self._print_start()
-
-    def done(self) -> None:
-        self.times[self.what] = time.perf_counter() - self.t0
-        if self.announce == "done":
-            self._print_start()
-        print(f"      {self.times[self.what]:.1f} s", file=sys.stderr, flush=True)
-
-    def _print_start(self) -> None:
-        print(f"[{self.step}/{self.steps}] {self.what} ...", file=sys.stderr, flush=True)
-
-    def summary(self) -> str:
-        """Seconds per kind of step ("converting 9.8 s"), summed over the tasks of a multi-function package."""
-        totals = {}
-        for what, seconds in self.times.items():
-            verb = what.split(": ")[-1].split(" ")[0]
-            totals[verb] = totals.get(verb, 0.0) + seconds
-        return ", ".join(f"{verb} {seconds:.1f} s" for verb, seconds in totals.items())
 
 
 class TraceWrapper(torch.nn.Module):
@@ -548,7 +500,7 @@ def main(argv) -> int:
         check_output(Path(args.output), [args.model, args.tokenizer], args.force)
     n_tasks = len(args.task or [None])
     auto = args.rotation == "auto"
-    steps = Progress(1 + auto + n_tasks * (3 - (args.rotation == "none")) + 1 + (not args.skip_check))   # auto: rotating counted
+    steps = cli.Progress(1 + auto + n_tasks * (3 - (args.rotation == "none")) + 1 + (not args.skip_check))   # auto: rotating counted
     steps.start(f"loading {args.model}", announce="done")             # the input is checked here
     ckpt = resolve_checkpoint(args.model, args.revision, args.allow_pickle)
     check_rotation(args.rotation, ckpt.config)                        # before the weights are loaded

@@ -19,39 +19,27 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, resolve_checkpoint
-from evaluation import (EVAL_TEXTS, Accounting, check_gates, check_output_path, format_accounting, format_gates,
+from evaluation import (EVAL_TEXTS, Accounting, check_gates, format_accounting, format_gates,
                         format_metrics, format_table, gate_exit, gate_results, load_tokenizer, output_measure,
-                        reference_model, reference_outputs, residual_peaks, tokenize, valid_rows, write_json)
-from mlpackage import (BACKENDS, PackageRunner, add_runtime_arguments, check_token_ids, input_lengths, read_metadata,
+                        reference_model, reference_outputs, residual_peaks, tokenize, valid_rows)
+from mlpackage import (PackageRunner, check_token_ids, input_lengths, read_metadata,
                        resolve_backend, tokenizer_revision)
 from model import FLOAT16_MAX, MASK_FILL, ActivationProbe, ModernBert, ModernBertConfig
 from modernbert_ane.tasks import POOLED_TASKS
-from report import check_report_folder, write_report
+from report import write_report
+from modernbert_ane import cli
 from user_errors import UserError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("package", help="an .mlpackage written by convert.py")
-    p.add_argument("--model", help="the checkpoint it came from (default: the source in its metadata)")
-    p.add_argument("--tokenizer", help="tokenizer hub id or folder (default: the one in the package metadata)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read pytorch_model.bin when a checkpoint has no safetensors (tensors only, weights_only=True)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: Core ML on the Neural Engine on macOS, the float16 emulator elsewhere")
-    add_runtime_arguments(p)
-    p.add_argument("--function", metavar="NAME",
-                   help="which head of a multi-function package to compare (default: its default function)")
+    p = cli.parser(__doc__)
+    cli.add_package(p, "compare")
+    cli.add_checkpoint(p, positional=False)
+    cli.add_tokenizer(p)
+    cli.add_backend(p)
     p.add_argument("--pessimistic", action="store_true",
                    help="emulator: also round the internal steps of norms, reductions and softmax to float16")
-    p.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
-    p.add_argument("--report", metavar="DIR", help="write DIR/index.html: the largest value per layer against "
-                                                    "model.py unrotated, KL per token, the metrics")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --json file or --report folder")
-    p.add_argument("--max-kl", type=float, metavar="X", help="exit 1 when kl_mean exceeds X (for CI)")
-    p.add_argument("--max-score-error", type=float, metavar="X",
-                   help="one-label heads (rerankers, regression): exit 1 when a score is off by more than X")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    cli.add_report_outputs(p, "the largest value per layer against model.py unrotated, KL per token, the metrics")
     return p
 
 
@@ -162,16 +150,10 @@ def write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics,
                  force=args.force)
 
 
-def check_outputs(args, inputs) -> None:
-    check_output_path(args.json, args.force, inside=inputs, script="diff_coreml")
-    check_output_path(args.report, args.force, inside=inputs, folder=True)
-    check_report_folder(args.report, args.force)
-
-
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
     resolve_backend(args.backend)                       # --backend coreml off macOS: refused before any work
-    check_outputs(args, [args.package, args.model, args.tokenizer])
+    cli.check_report_outputs(args, [args.package, args.model, args.tokenizer], "diff_coreml")
     meta = read_metadata(args.package, args.function)
     lengths = input_lengths(args.package, meta["function"])
     task = meta["task"]
@@ -191,7 +173,7 @@ def main(argv) -> int:
                               f"pass --model with its folder") from e
     check_model_matches(meta, ModernBertConfig.from_dict(ckpt.config), source, args.package)
     tokenizer_source = args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root
-    check_outputs(args, [args.package, *ckpt.input_paths(), tokenizer_source])    # every input, now known
+    cli.check_report_outputs(args, [args.package, *ckpt.input_paths(), tokenizer_source], "diff_coreml")  # every input, now known
     tokenizer = load_tokenizer(tokenizer_source,
                                revision=None if args.tokenizer or args.model else tokenizer_revision(meta))
     ref_model = reference_model(ckpt, task)
@@ -248,7 +230,7 @@ def main(argv) -> int:
     if gates:
         print(format_gates(gates))
     if args.json:
-        write_json(args.json, {**metrics, "package": str(args.package), "model": source,
+        cli.write_json(args.json, {**metrics, "package": str(args.package), "model": source,
                                "function": meta["function"], "task": task, "texts": rows,
                                "largest_ops": watch.largest() if watch else [], "gates": gates},
                    force=args.force, script="diff_coreml")

@@ -19,40 +19,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation import (EVAL_TEXTS, Accounting, check_gates, check_output_path, compare_rows, format_accounting,
+from evaluation import (EVAL_TEXTS, Accounting, check_gates, compare_rows, format_accounting,
                         format_gates, format_metrics, format_table, gate_exit, gate_results, load_tokenizer,
                         merge_compare_rows, output_measure, overflow_metrics, reference_model, reference_outputs,
-                        residual_peaks, tokenize, valid_rows, write_json)
-from checkpoint import DEFAULT_MODEL, check_rotation, resolve_checkpoint
+                        residual_peaks, tokenize, valid_rows)
+from checkpoint import check_rotation, resolve_checkpoint
 from model import ActivationProbe, ModernBert
-from modernbert_ane.tasks import POOLED_TASKS, TASKS
-from report import check_report_folder, write_report
+from modernbert_ane.tasks import POOLED_TASKS
+from report import write_report
 from rotations import ROTATION_KINDS, rotate_model
+from modernbert_ane import cli
 from user_errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hub id or local folder (default {DEFAULT_MODEL})")
-    p.add_argument("--task", choices=TASKS, help="default: from the checkpoint's architectures")
+    p = cli.parser(__doc__)
+    cli.add_checkpoint(p)
+    cli.add_task(p)
     p.add_argument("--precision", choices=("float32", "float16"), default="float32",
                    help="run this model in float16 (every op, as on the Neural Engine) to see what float16 does")
-    p.add_argument("--rotation", choices=ROTATION_KINDS, default="hadamard",
-                   help="orthogonal rotation fused into the weights (default hadamard, as convert.py)")
-    p.add_argument("--seed", type=int, default=0, help="rotation seed")
+    cli.add_strategy(p, ROTATION_KINDS, default="hadamard")
     p.add_argument("--max-length", type=int, default=512, help="tokens per evaluation text at most")
-    p.add_argument("--query-chunk", type=int, help="global attention in query chunks of this many tokens")
-    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="read pytorch_model.bin when a checkpoint has no safetensors (tensors only, weights_only=True)")
-    p.add_argument("--json", metavar="PATH", help="write the metrics as JSON")
-    p.add_argument("--report", metavar="DIR",
-                   help="write DIR/index.html: activations per layer before/after the rotation, KL per token, metrics")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --json file or --report folder")
-    p.add_argument("--max-kl", type=float, metavar="X", help="exit 1 when kl_mean exceeds X (for CI)")
-    p.add_argument("--max-score-error", type=float, metavar="X",
-                   help="one-label heads (rerankers, regression): exit 1 when a score is off by more than X")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    cli.add_query_chunk(p)
+    cli.add_report_outputs(p, "activations per layer before/after the rotation, KL per token, metrics")
     return p
 
 
@@ -186,19 +175,13 @@ def compare_batch(model, transformers_model, unrotated, ckpt, ids, mask, dtype, 
     return module_rows(model, ref, ours, mask.numpy()), layer_peaks
 
 
-def check_outputs(args, inputs) -> None:
-    check_output_path(args.json, args.force, inside=inputs, script="diff_torch")
-    check_output_path(args.report, args.force, inside=inputs, folder=True)
-    check_report_folder(args.report, args.force)
-
-
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
-    check_outputs(args, [args.model])
+    cli.check_report_outputs(args, [args.model], "diff_torch")
     # everything that reads the user's input first, so that bad input gets one line on stderr and nothing else
     ckpt = resolve_checkpoint(args.model, args.revision, args.allow_pickle)
     check_rotation(args.rotation, ckpt.config)                        # before the weights are loaded
-    check_outputs(args, ckpt.input_paths())                           # every folder read, now that they are known
+    cli.check_report_outputs(args, ckpt.input_paths(), "diff_torch")             # every folder read, now that they are known
     model = ModernBert.from_checkpoint(ckpt, args.task)
     width = model.config.num_labels if model.task in ("classify", "token-classify") else 0
     check_gates(output_measure(model.task, width), args.max_kl, args.max_score_error,
@@ -244,7 +227,7 @@ def main(argv) -> int:
     if gates:
         print(format_gates(gates))
     if args.json:
-        write_json(args.json, {**metrics, "model": ckpt.source, "task": model.task, "precision": args.precision,
+        cli.write_json(args.json, {**metrics, "model": ckpt.source, "task": model.task, "precision": args.precision,
                                "rotation": args.rotation, "seed": args.seed, "tokens": sum(lengths),
                                "modules": modules, "layers": layers, "texts": accounting.text_rows(), "gates": gates},
                    force=args.force, script="diff_torch")

@@ -1,6 +1,5 @@
 """What the accuracy reports share: the evaluation texts, the transformers reference, the metrics,
 and the tables. Used by diff_torch.py and diff_coreml.py (and, for texts, by the tests)."""
-import json
 import sys
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import torch
 from checkpoint import (TOKENIZER_FILES, Checkpoint, CheckpointError, check_files, check_finite, check_weight_files,
                         is_hub_id, read_json, sentence_modules)
 from modernbert_ane.tasks import COSINE_TASKS, POOLED_TASKS, SPECS
-from output_files import check_output, json_with_keys, write_file
 from user_errors import UserError
 
 # Short sentences and passages longer than the 128-token local window of the released checkpoints,
@@ -553,23 +551,3 @@ def format_gates(gates: list[dict]) -> str:
                      f"{'<=' if g['passed'] else 'exceeds'} {g['flag']} {g['limit']}" for g in gates)
 
 
-# What each script's --json holds: --force replaces only a file a previous run of the same script wrote.
-JSON_KEYS = {"diff_torch": ("model", "task", "precision"), "diff_coreml": ("package", "model", "task")}
-
-
-def check_output_path(path: str | None, force: bool, inside=(), folder: bool = False, script: str | None = None):
-    """Checked before any slow work (output_files.check_output's rules): refuse special files and symlinks,
-    an output inside one of the inputs (`inside`: every path read) or holding one, an existing output
-    without --force (with it, a --json of another kind), a missing or unwritable folder, and (unless the
-    output is itself a folder, a report) a folder."""
-    if not path:
-        return
-    ours = None if folder or script is None else json_with_keys(JSON_KEYS[script], f"a --json file of {script}.py")
-    check_output(path, force, inputs=inside, folder=folder, ours=ours)
-
-
-def write_json(path: str, data: dict, force: bool = False, script: str | None = None) -> None:
-    """Write atomically: a temporary file beside the target, published (checked again) in its place."""
-    ours = None if script is None else json_with_keys(JSON_KEYS[script], f"a --json file of {script}.py")
-    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n"
-    write_file(path, text.encode("utf-8"), force, ours)

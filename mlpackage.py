@@ -292,14 +292,6 @@ DEFAULT_COMPUTE_UNITS = "cpu-and-ne"               # the Neural Engine, with the
 CACHE_DIR_NAME = "modernbert-ane"
 
 
-def add_runtime_arguments(p) -> None:
-    """--compute-units and --no-cache, the same on every script that runs packages with Core ML."""
-    p.add_argument("--compute-units", choices=tuple(COMPUTE_UNITS), default=DEFAULT_COMPUTE_UNITS,
-                   help=f"Core ML: where the model may run (default {DEFAULT_COMPUTE_UNITS}: CPU and Neural Engine)")
-    p.add_argument("--no-cache", action="store_true",
-                   help="Core ML: compile the package again instead of reusing the compiled copy in the cache")
-
-
 def compute_unit(name: str):
     """The ct.ComputeUnit of a --compute-units name."""
     if name not in COMPUTE_UNITS:

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from evaluation import load_tokenizer
-from mlpackage import (BACKENDS, PackageError, PackageRunner, add_runtime_arguments, check_token_ids,
+from mlpackage import (PackageError, PackageRunner, check_token_ids,
                        input_lengths, package_inputs, read_metadata, resolve_backend, tokenizer_revision)
 from modernbert_ane.tasks import OUTPUT_NAMES, POOLED_TASKS, TASKS
+from modernbert_ane import cli
 from user_errors import UserError, run_cli
 
 SHOW_VALUES = 8                                    # embedding values shown (all of them with --json)
@@ -33,8 +34,8 @@ SHOW_TOKENS = 16                                   # encoder tokens whose norm i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("package", help="a .mlpackage written by convert.py")
+    p = cli.parser(__doc__)
+    cli.add_package(p, "run")
     p.add_argument("texts", nargs="*", help="texts to run (default: --file, or stdin; '-' reads stdin)")
     p.add_argument("--file", metavar="PATH", help="read the texts from this file, one per line (blank lines skipped; "
                                                   "with a classify package, a tab starts the text's pair)")
@@ -43,16 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "sentence-transformers config) before every text")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="fill-mask: tokens shown per mask (default 5)")
     p.add_argument("--labels", metavar="A,B,C", help="embed: comma-separated label texts to rank by cosine similarity (zero-shot)")
+    # not the diff scripts' --json PATH (a file of metrics): predict prints its results as JSON instead of text
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="Core ML (macOS) or the float16 emulator (default auto: Core ML where it exists)")
-    add_runtime_arguments(p)
-    p.add_argument("--function", metavar="NAME",
-                   help="which head of a multi-function package to run (fill_mask, embed, ...; default: its default)")
-    p.add_argument("--tokenizer", metavar="ID", help="tokenizer hub id or folder (default: the one named in the package)")
+    cli.add_backend(p)
+    cli.add_tokenizer(p)
     p.add_argument("--truncate", action="store_true", help="truncate texts longer than the package's largest length")
     p.add_argument("--pack", action="store_true", help="put several texts into one prediction (faster for short texts)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 

@@ -35,7 +35,7 @@ STYLE = {"font.family": "DejaVu Sans", "font.size": 9, "axes.grid": True, "grid.
 # ----------------------------------------------------------------------------- the folder
 
 def check_report_folder(path: str | None, force: bool) -> None:
-    """What a report folder needs beyond evaluation.check_output_path's rules (the scripts check both,
+    """What a report folder needs beyond cli.check_output_path's rules (the scripts check both,
     before any slow work): an existing one is replaced only with --force, and only when it is empty or
     holds a previous report, never a folder with anything else in it."""
     if not path:

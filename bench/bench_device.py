@@ -170,7 +170,7 @@ def main(argv) -> int:
                         "summary and package_cost.py give the FLOP and byte counts")
     if args.runs < 1 or args.warmup < 0:
         raise UserError("--runs must be at least 1 and --warmup at least 0")
-    from evaluation import check_output_path, write_json
+    from modernbert_ane.cli import check_output_path, write_json
     check_output_path(args.json, args.force, inside=[args.package])
     meta = read_metadata(args.package, args.function)
     available = input_lengths(args.package, meta["function"])
