@@ -493,7 +493,12 @@ def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: fl
 
 
 def main(argv) -> int:
-    args = build_parser().parse_args(argv)
+    convert_checkpoint(build_parser().parse_args(argv))
+    return 0
+
+
+def convert_checkpoint(args) -> Path:
+    """The conversion build_parser's `args` describe (the script's main and the Python API); the package's path."""
     quiet_conversion()
     lengths = validate(args)
     if args.output:
@@ -570,7 +575,7 @@ def main(argv) -> int:
     if strategy_lines or check_lines:
         print("\n".join(strategy_lines + check_lines))
     print(f"wrote {output}  ({steps.summary()})")
-    return 0
+    return output
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation import load_tokenizer
-from mlpackage import (PackageError, PackageRunner, check_token_ids,
+from mlpackage import (DEFAULT_COMPUTE_UNITS, PackageError, PackageRunner, check_token_ids,
                        input_lengths, package_inputs, read_metadata, resolve_backend, tokenizer_revision)
 from modernbert_ane.tasks import OUTPUT_NAMES, POOLED_TASKS, TASKS
 from modernbert_ane import cli
@@ -381,17 +381,17 @@ def zero_shot(text_rows: np.ndarray, label_rows: np.ndarray, labels: list[str]) 
     return [[{"label": labels[j], "cosine": float(row[j])} for j in np.argsort(-row, kind="stable")] for row in sims]
 
 
-def task_result(task: str, rows, ids, tokenizer, meta: dict, args, text: str) -> dict:
-    """What one text's output means, for its task (JSON-ready)."""
+def task_result(task: str, rows, ids, tokenizer, meta: dict, text: str, top_k: int, full: bool) -> dict:
+    """What one text's output means, for its task (JSON-ready; `full`: every value of a vector output)."""
     if task == "fill-mask":
-        return fill_mask_result(rows, ids, tokenizer, special_token_id(tokenizer, meta, "mask"), args.top_k)
+        return fill_mask_result(rows, ids, tokenizer, special_token_id(tokenizer, meta, "mask"), top_k)
     if task == "classify":
         return classify_result(rows, meta)
     if task == "token-classify":
         return token_classify_result(rows, ids, tokenizer, meta, text)
     if task == "encoder":
-        return encoder_result(rows, args.json)
-    return embed_result(rows, args.json)
+        return encoder_result(rows, full)
+    return embed_result(rows, full)
 
 
 def add_similarities(doc: dict, rows: np.ndarray, labels: list[str] | None) -> None:
@@ -455,51 +455,121 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' * (n != 1)}"
 
 
+class Predictor:
+    """A package ready to run (predict.py's main, and the Python API): its metadata read now; the tokenizer and
+    the runner (Core ML or the emulator) loaded on first use, once. `run` returns predict.py's JSON document."""
+
+    def __init__(self, package, backend: str = "auto", function: str | None = None, tokenizer: str | None = None,
+                 compute_units: str = DEFAULT_COMPUTE_UNITS, use_cache: bool = True, pack: bool = False,
+                 truncate: bool = False):
+        resolve_backend(backend)                        # --backend coreml off macOS: refused before any work
+        self.package, self.backend, self.truncate = str(package), backend, truncate
+        self.compute_units, self.use_cache, self.tokenizer_source = compute_units, use_cache, tokenizer
+        self.meta = package_metadata(self.package, function)
+        self.task = self.meta["task"]
+        self.max_texts = max_texts_per_prediction(self.meta, pack)
+        self._tokenizer = self._runner = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            source = self.tokenizer_source or self.meta.get("tokenizer")
+            if not source:
+                raise UserError("the package names no tokenizer; pass --tokenizer ID_OR_FOLDER")
+            revision = None if self.tokenizer_source else tokenizer_revision(self.meta)
+            self._tokenizer = load_tokenizer(source, revision=revision)
+        return self._tokenizer
+
+    @property
+    def runner(self) -> PackageRunner:
+        if self._runner is None:
+            self._runner = PackageRunner(self.package, self.backend, function=self.meta["function"],
+                                         compute_units=self.compute_units, use_cache=self.use_cache)
+        return self._runner
+
+    def run(self, texts: list[str], pairs: list[str | None] | None = None, prompt: str | None = None,
+            labels: list[str] | None = None, top_k: int = 5, full: bool = False) -> dict:
+        """Every text (with its pair, after the prompt) through the package: one result per text, and for an
+        embed package the labels ranked (zero-shot) or the texts' similarity matrix. `full`: every value of
+        an encoder or embed output (else the first few)."""
+        if top_k < 1:
+            raise UserError(f"--top-k must be at least 1 (got {top_k})")
+        meta, texts = self.meta, list(texts)
+        pairs = list(pairs) if pairs is not None else [None] * len(texts)
+        inputs = apply_prompt(texts, prompt, meta, self.task)
+        tokenizer = self.tokenizer
+        lengths = input_lengths(self.package, meta["function"])
+        seqs = [encode(tokenizer, text, f"text {i + 1}", lengths[-1], self.truncate, pair)
+                for i, (text, pair) in enumerate(zip(inputs, pairs))]
+        label_seqs = [encode(tokenizer, label, f"label '{label}'", lengths[-1], self.truncate) for label in labels or []]
+        check_token_ids(seqs, meta.get("vocab_size"), self.package)
+        check_token_ids(label_seqs, meta.get("vocab_size"), self.package, lambda i: f"label '{labels[i]}'")
+        if self.task == "fill-mask":
+            check_masks(seqs, tokenizer, meta)
+        pad_id = special_token_id(tokenizer, meta, "pad")
+        outs, predictions = run_all(self.runner, meta, seqs + label_seqs, lengths, pad_id, self.max_texts)
+        results = [{"text": text, **({"pair": pair} if pair is not None else {}),
+                    **({"prompt": prompt} if prompt else {}), "num_tokens": len(ids), "length": out["length"],
+                    **task_result(self.task, out["rows"], ids, tokenizer, meta, tokenized, top_k, full)}
+                   for text, tokenized, pair, ids, out in zip(texts, inputs, pairs, seqs, outs)]
+        doc = {"package": self.package, "function": meta["function"], "task": self.task,
+               "backend": self.runner.backend, "coreml_load": self.runner.load_report, "predictions": predictions,
+               "results": results}
+        if self.task == "embed":
+            add_similarities(doc, np.stack([o["rows"] for o in outs]), labels)
+        return doc
+
+    # ---- one method per task (the Python API): the results, not the document
+
+    def _expect(self, task: str) -> None:
+        if self.task != task:
+            raise UserError(f"{self.package} is a {self.task} package, not {task} "
+                            f"(its functions: see `python predict.py --help`, --function)")
+
+    def fill_mask(self, texts: list[str], top_k: int = 5) -> list[list[dict]]:
+        """Per text, per [MASK]: the top_k tokens with their probabilities ({"token", "id", "probability"})."""
+        self._expect("fill-mask")
+        return [[m["predictions"] for m in r["masks"]] for r in self.run(texts, top_k=top_k)["results"]]
+
+    def embed(self, texts: list[str], prompt: str | None = None) -> np.ndarray:
+        """The texts' sentence embeddings, (N, D) float32."""
+        self._expect("embed")
+        results = self.run(texts, prompt=prompt, full=True)["results"]
+        return np.array([r["embedding"] for r in results], dtype=np.float32).reshape(len(results), -1)
+
+    def classify(self, texts: list[str], pairs: list[str] | None = None) -> list[list[dict]]:
+        """Per text (and its pair): every label with its score ({"label", "score"}), best first."""
+        self._expect("classify")
+        return [r["labels"] for r in self.run(texts, pairs=pairs)["results"]]
+
+    def token_classify(self, texts: list[str]) -> list[list[dict]]:
+        """Per text: its words with their labels ({"word", "label", "score", ...})."""
+        self._expect("token-classify")
+        return [r["words"] for r in self.run(texts)["results"]]
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Per text: the encoder's last hidden states, (tokens, hidden) float32."""
+        self._expect("encoder")
+        return [np.asarray(r["hidden_states"], dtype=np.float32) for r in self.run(texts, full=True)["results"]]
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
-    resolve_backend(args.backend)                       # --backend coreml off macOS: refused before any work
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {args.top_k})")
-    meta = package_metadata(args.package, args.function)
-    task = meta["task"]
-    labels = parse_labels(args.labels, task)
-    max_texts = max_texts_per_prediction(meta, args.pack)
-    texts, pairs = split_pairs(read_texts(args), args.pair, task)
-    inputs = apply_prompt(texts, args.prompt, meta, task)
-    source = args.tokenizer or meta.get("tokenizer")
-    if not source:
-        raise UserError("the package names no tokenizer; pass --tokenizer ID_OR_FOLDER")
-    tokenizer = load_tokenizer(source, revision=None if args.tokenizer else tokenizer_revision(meta))
-    lengths = input_lengths(args.package, meta["function"])
-    seqs = [encode(tokenizer, text, f"text {i + 1}", lengths[-1], args.truncate, pair)
-            for i, (text, pair) in enumerate(zip(inputs, pairs))]
-    label_seqs = [encode(tokenizer, label, f"label '{label}'", lengths[-1], args.truncate) for label in labels or []]
-    check_token_ids(seqs, meta.get("vocab_size"), args.package)
-    check_token_ids(label_seqs, meta.get("vocab_size"), args.package, lambda i: f"label '{labels[i]}'")
-    if task == "fill-mask":
-        check_masks(seqs, tokenizer, meta)
-    pad_id = special_token_id(tokenizer, meta, "pad")
-
-    runner = PackageRunner(args.package, args.backend, function=meta["function"], compute_units=args.compute_units,
-                           use_cache=not args.no_cache)
-    outs, predictions = run_all(runner, meta, seqs + label_seqs, lengths, pad_id, max_texts)
+    predictor = Predictor(args.package, args.backend, args.function, args.tokenizer, args.compute_units,
+                          not args.no_cache, args.pack, args.truncate)
+    labels = parse_labels(args.labels, predictor.task)
+    texts, pairs = split_pairs(read_texts(args), args.pair, predictor.task)
+    doc = predictor.run(texts, pairs, args.prompt, labels, args.top_k, full=args.json)
     ran = plural(len(texts), "text") + (f" and {plural(len(labels), 'label')}" if labels else "")
-    print(f"backend: {runner.describe()} "
-          f"({ran} in {plural(predictions, 'prediction')})", file=sys.stderr)
-
-    results = [{"text": text, **({"pair": pair} if pair is not None else {}),
-                **({"prompt": args.prompt} if args.prompt else {}), "num_tokens": len(ids), "length": out["length"],
-                **task_result(task, out["rows"], ids, tokenizer, meta, args, tokenized)}
-               for text, tokenized, pair, ids, out in zip(texts, inputs, pairs, seqs, outs)]
-    doc = {"package": str(args.package), "function": meta["function"], "task": task, "backend": runner.backend,
-           "coreml_load": runner.load_report, "predictions": predictions, "results": results}
-    if task == "embed":
-        add_similarities(doc, np.stack([o["rows"] for o in outs]), labels)
-
+    print(f"backend: {predictor.runner.describe()} "
+          f"({ran} in {plural(doc['predictions'], 'prediction')})", file=sys.stderr)
     if args.json:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
     else:
-        print("\n".join(format_text(r, i, task, mask_name(tokenizer)) for i, r in enumerate(results)))
+        mask = mask_name(predictor.tokenizer)
+        print("\n".join(format_text(r, i, predictor.task, mask) for i, r in enumerate(doc["results"])))
         if "similarity" in doc:
             print(format_similarity(doc["similarity"]))
     return 0
