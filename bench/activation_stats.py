@@ -20,7 +20,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 def texts_to_run(tokenizer, n_code: int = 16, seq_len: int = 256) -> list[list[int]]:
     """Token ids of the evaluation texts (prose) and of `n_code` held-out source windows."""
-    from evaluation import EVAL_TEXTS
+    from modernbert_ane.evaluation import EVAL_TEXTS
     from train_reference import chunk, corpus_files, token_stream
     prose = [tokenizer(t.replace("[MASK]", tokenizer.mask_token))["input_ids"] for t in EVAL_TEXTS]
     stream, _ = token_stream(tokenizer, corpus_files(), held_out=True)

@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 EMULATE = """
-import sys, time, numpy as np
+import sys
+import time
+import numpy as np
 sys.path.insert(0, {root!r})
 from modernbert_ane.coreml.emulator import MLProgramEmulator
 t = time.perf_counter()

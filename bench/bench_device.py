@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlpackage import (COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS, PackageRunner, compute_plan_records, input_lengths,  # noqa: E402
+from modernbert_ane.coreml.package import (COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS, PackageRunner, compute_plan_records, input_lengths,  # noqa: E402
                        package_inputs, read_metadata)
-from user_errors import UserError, run_cli  # noqa: E402
+from modernbert_ane.user_errors import UserError, run_cli  # noqa: E402
 
 NEURAL_ENGINE = "neural_engine"
 
@@ -152,13 +152,13 @@ def flop_counts(package, function: str | None, meta: dict, lengths: list[int]) -
     counts = {n: stored[str(n)]["flops"] for n in lengths if str(n) in stored}
     missing = [n for n in lengths if n not in counts]
     if missing:
-        from package_cost import package_costs
+        from modernbert_ane.coreml.cost import package_costs
         counts.update({n: s["flops"] for n, s in package_costs(package, function, missing).items()})
     return counts
 
 
 def per_op_flops(package, function: str | None, length: int) -> dict[str, int]:
-    from package_cost import Program, op_costs
+    from modernbert_ane.coreml.cost import Program, op_costs
     program = Program(package, function)
     return {c.name: c.flops for c in op_costs(program, length)}
 

@@ -86,7 +86,7 @@ def main() -> None:
 
 def package_rotation(package: Path) -> str:
     """The float16 strategy the package was converted with (convert.py records it in the metadata)."""
-    from mlpackage import read_metadata
+    from modernbert_ane.coreml.package import read_metadata
     meta = read_metadata(package)
     return f"{meta.get('rotation', '?')} + {meta.get('norm') or 'fused'} norm"
 

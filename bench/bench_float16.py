@@ -27,7 +27,7 @@ TASKS = ("fill-mask", "classify", "encoder")
 
 def ordinary_cosine(task, reference, output, ids, mask, tokenizer) -> str:
     """The worst cosine of an ordinary token (not [CLS]/[SEP]) between the two outputs, per-token tasks only."""
-    from evaluation import cosine_per_row
+    from modernbert_ane.evaluation import cosine_per_row
     from modernbert_ane.tasks import POOLED_TASKS
     if task in POOLED_TASKS:
         return "–"
@@ -37,10 +37,10 @@ def ordinary_cosine(task, reference, output, ids, mask, tokenizer) -> str:
 
 
 def rows_for(folder: Path, label: str, seq_len: int) -> list[str]:
-    from checkpoint import resolve_checkpoint
-    from evaluation import EVAL_TEXTS, load_tokenizer, reference_model, reference_outputs, tokenize
-    from model import ModernBert
-    from rotations.strategy import measure
+    from modernbert_ane.checkpoint import resolve_checkpoint
+    from modernbert_ane.evaluation import EVAL_TEXTS, load_tokenizer, reference_model, reference_outputs, tokenize
+    from modernbert_ane.model import ModernBert
+    from modernbert_ane.rotations.strategy import measure
     model, ckpt = ModernBert.from_pretrained(str(folder))
     tokenizer = load_tokenizer(ckpt.root)
     ids, mask = tokenize(tokenizer, EVAL_TEXTS, seq_len)

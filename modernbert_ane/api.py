@@ -15,11 +15,11 @@ import json
 import tempfile
 from pathlib import Path
 
-import convert as convert_script
-import diff_coreml
-import diff_torch
-from predict import Predictor
-from user_errors import UserError
+from modernbert_ane import convert as convert_script
+from modernbert_ane import diff_coreml
+from modernbert_ane import diff_torch
+from modernbert_ane.predict import Predictor
+from modernbert_ane.user_errors import UserError
 
 __all__ = ["convert", "Predictor", "compare", "UserError"]
 

@@ -7,11 +7,11 @@ import json
 import sys
 import time
 
-from checkpoint import DEFAULT_MODEL
-from mlpackage import BACKENDS, COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS
+from modernbert_ane.checkpoint import DEFAULT_MODEL
+from modernbert_ane.coreml.package import BACKENDS, COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS
 from modernbert_ane.tasks import TASKS
-from output_files import check_output, json_with_keys, write_file
-from report import check_report_folder
+from modernbert_ane.output_files import check_output, json_with_keys, write_file
+from modernbert_ane.report import check_report_folder
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

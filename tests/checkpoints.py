@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from evaluation import EVAL_TEXTS
+from modernbert_ane.evaluation import EVAL_TEXTS
 from modernbert_ane.tasks import SPECS
 
 SPECIAL_TOKENS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-import checkpoint
-from checkpoint import (CheckpointError, check_sizes, confined, read_prompts, resolve_checkpoint, safetensors_header,
+from modernbert_ane import checkpoint
+from modernbert_ane.checkpoint import (CheckpointError, check_sizes, confined, read_prompts, resolve_checkpoint, safetensors_header,
                         validate_config)
 
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-import convert
-import diff_coreml
-import diff_torch
-import predict
+from modernbert_ane import convert
+from modernbert_ane import diff_coreml
+from modernbert_ane import diff_torch
+from modernbert_ane import predict
 from modernbert_ane import cli
-from user_errors import UserError
+from modernbert_ane.user_errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"convert": convert, "predict": predict, "diff_torch": diff_torch, "diff_coreml": diff_coreml}

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import convert
+from modernbert_ane import convert
 from checkpoints import CONFIGS, build_tokenizer
-from evaluation import EVAL_TEXTS, distribution_metrics, reference_model, tokenize
-from checkpoint import resolve_checkpoint
-from mlpackage import input_lengths, read_metadata
+from modernbert_ane.evaluation import EVAL_TEXTS, distribution_metrics, reference_model, tokenize
+from modernbert_ane.checkpoint import resolve_checkpoint
+from modernbert_ane.coreml.package import input_lengths, read_metadata
 from modernbert_ane.coreml.emulator import MLProgramEmulator
-from user_errors import run_cli
+from modernbert_ane.user_errors import run_cli
 
 WINDOW = CONFIGS["tiny"]["local_attention"]          # 16: a token sees neighbours within 8
 SHORT, LONG = 12, 48                                  # below the window, and 3x the window
@@ -84,7 +84,7 @@ def test_sliding_window_and_padding_survive_conversion(packages, checkpoint_fact
     ids, mask = tokenize(tokenizer, [EVAL_TEXTS[6]], LONG, fixed_length=True)          # all 48 tokens real
     ours = emulate(package, ids, mask)[0]
     ref = transformers_logits(folder, ids, mask)[0]
-    from model import ModernBert
+    from modernbert_ane.model import ModernBert
     unwindowed, _ = ModernBert.from_pretrained(str(folder))
     unwindowed.config.local_attention = 10 ** 6
     with torch.no_grad():
@@ -273,8 +273,8 @@ def program_summary(mlmodel) -> collections.Counter:
 ], ids=["fill-mask-two-lengths-blockwise", "fill-mask-masked", "classify-packed-chunked", "odd-token-classify"])
 def test_dropped_passes_would_change_nothing(checkpoint_factory, config, task, lengths, options):
     """convert.DROPPED_PASSES are left out for speed only: with them the program would be the same."""
-    from rotations import rotate_model
-    from model import ModernBert
+    from modernbert_ane.rotations import rotate_model
+    from modernbert_ane.model import ModernBert
     model, _ = ModernBert.from_pretrained(str(checkpoint_factory(config, task)),
                                           max_texts=options.get("max_texts", 1))
     rotate_model(model, "hadamard", 0)
@@ -355,7 +355,7 @@ def test_multi_function_package_stores_the_encoder_once(packages, checkpoint_fac
         assert (meta["function"], meta["task"], meta["output"]) == (function, task, output)
         assert input_lengths(multi, function) == [SHORT, LONG] and meta["seq_lengths"] == [SHORT, LONG]
     assert read_metadata(multi)["function"] == "fill_mask"                      # the first task is the default
-    from model import ModernBert
+    from modernbert_ane.model import ModernBert
     embedder, _ = ModernBert.from_pretrained(str(folder), task="embed")
     for length, text in ((SHORT, EVAL_TEXTS[0]), (LONG, EVAL_TEXTS[6])):
         ids, mask = tokenize(build_tokenizer(), [text], length, fixed_length=True)
@@ -374,8 +374,8 @@ def test_default_strategy_meets_the_float16_targets(checkpoint_factory, tmp_path
     """Issue 12's targets, on the planted-outlier checkpoints of both mechanisms, default options, the
     emulator's pessimistic mode: fill-mask kl_mean <= 2e-7, every token's encoder output cosine >= 0.999.
     The strategy is chosen by measurement, printed, and recorded with the candidates' numbers."""
-    import diff_coreml
-    from rotations.strategy import AUTO_CANDIDATES
+    from modernbert_ane import diff_coreml
+    from modernbert_ane.rotations.strategy import AUTO_CANDIDATES
     folder = checkpoint_factory("small", "fill-mask", outliers=plant)
     package = tmp_path / "default.mlpackage"
     with pytest.raises(SystemExit) as e:
@@ -404,8 +404,8 @@ def test_default_strategy_meets_the_float16_targets(checkpoint_factory, tmp_path
 def test_simulated_compression_rounds_the_weights_auto_measures(checkpoint_factory, mode, levels):
     """--rotation auto measures candidates with the weights rounded as --compress stores them: at most 255
     int8 levels per output channel, 2^N palette entries per group of 32; the rotation's convs stay float16."""
-    from model import ModernBert
-    from rotations import rotate_model
+    from modernbert_ane.model import ModernBert
+    from modernbert_ane.rotations import rotate_model
     model = rotate_model(ModernBert.from_pretrained(str(checkpoint_factory("tiny")))[0], "hadamard")
     proj = model.embeddings.proj.weight.detach().clone()
     convert.simulate_compression(model, mode, embedding_gain=1.0)

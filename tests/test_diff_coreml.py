@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import convert
-import diff_coreml
+from modernbert_ane import convert
+from modernbert_ane import diff_coreml
 from checkpoints import CONFIGS, build_sentence_transformers, build_tokenizer
-from evaluation import EVAL_TEXTS
-from mlpackage import PackageRunner, input_lengths
-from user_errors import run_cli
+from modernbert_ane.evaluation import EVAL_TEXTS
+from modernbert_ane.coreml.package import PackageRunner, input_lengths
+from modernbert_ane.user_errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

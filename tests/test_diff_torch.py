@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import diff_torch
-from evaluation import EVAL_TEXTS
+from modernbert_ane import diff_torch
+from modernbert_ane.evaluation import EVAL_TEXTS
 from checkpoints import build_tokenizer
-from user_errors import run_cli
+from modernbert_ane.user_errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_KEYS = {"kl_mean", "kl_max", "top1_agreement", "top5_agreement", "max_abs_diff", "nonfinite",

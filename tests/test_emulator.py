@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quiet_coremltools import import_coremltools  # noqa: E402
+from modernbert_ane.coreml.quiet_coremltools import import_coremltools  # noqa: E402
 
 ct = import_coremltools()
 import torch  # noqa: E402

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-import evaluation
-from evaluation import TokenRecords, delimiter_tokens, row_measures, summarize
-from user_errors import UserError
+from modernbert_ane import evaluation
+from modernbert_ane.evaluation import TokenRecords, delimiter_tokens, row_measures, summarize
+from modernbert_ane.user_errors import UserError
 
 
 class Tokenizer:

@@ -7,8 +7,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rotations import hadamard as had  # noqa: E402
-from rotations.hadamard import (  # noqa: E402
+from modernbert_ane.rotations import hadamard as had  # noqa: E402
+from modernbert_ane.rotations.hadamard import (  # noqa: E402
     NoHadamardConstructionError,
     describe_construction,
     hadamard_matrix,

@@ -41,7 +41,7 @@ from typing import Callable
 
 import pytest
 
-from user_errors import EXIT_USER_ERROR, UserError, writing
+from modernbert_ane.user_errors import EXIT_USER_ERROR, UserError, writing
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {cli: ROOT / f"{cli}.py" for cli in ("convert", "predict", "diff_torch", "diff_coreml")}
@@ -56,14 +56,23 @@ AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0       # chmod 000 does no
 # ----------------------------------------------------------------------------- the processes
 
 LAUNCHER = r'''
-import json, os, sys, time
+import json
+import os
+import sys
+import time
 root = sys.argv[1]
 requests, replies = os.fdopen(os.dup(0), "rb", buffering=0), os.dup(1)
 sys.path.insert(0, root)
-from quiet_coremltools import import_coremltools            # the libraries, imported once
+from modernbert_ane.coreml.quiet_coremltools import import_coremltools            # the libraries, imported once
 import_coremltools()
-import coremltools.converters.mil, coremltools.optimize.coreml, coremltools.proto.Model_pb2
-import numpy, torch, safetensors.torch, tokenizers, transformers
+import coremltools.converters.mil
+import coremltools.optimize.coreml
+import coremltools.proto.Model_pb2
+import numpy
+import torch
+import safetensors.torch
+import tokenizers
+import transformers
 for name in ("AutoTokenizer", "PreTrainedTokenizerFast", "ModernBertModel", "ModernBertForMaskedLM"):
     getattr(transformers, name)
 for name, module in list(sys.modules.items()):               # the project's modules: each child imports them
@@ -104,7 +113,8 @@ def child(request):
         os.close(new)
     sys.argv = [request["script"], *request["argv"]]
     sys.path.insert(0, os.path.dirname(request["script"]))
-    import atexit, runpy
+    import atexit
+    import runpy
     try:
         runpy.run_path(request["script"], run_name="__main__")
         code = 0
@@ -137,7 +147,11 @@ while True:
 # `python SCRIPT ARGV` with writes limited to `fsize` bytes (RLIMIT_FSIZE; SIGXFSZ ignored, so a write
 # past it fails with EFBIG as on a full disk). Set in the process itself: preexec_fn is unsafe in threads.
 LIMITED = r'''
-import os, resource, runpy, signal, sys
+import os
+import resource
+import runpy
+import signal
+import sys
 limit = int(sys.argv.pop(1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -303,7 +317,7 @@ def tokenizer_folder(checkpoint: Path, folder: Path) -> Path:
 
 
 def set_package_metadata(package: Path, **values) -> None:
-    from mlpackage import METADATA_PREFIX, package_spec, save_spec
+    from modernbert_ane.coreml.package import METADATA_PREFIX, package_spec, save_spec
     spec = package_spec(package)
     for key, value in values.items():
         spec.description.metadata.userDefined[METADATA_PREFIX + key] = json.dumps(value)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint import CheckpointError, resolve_checkpoint
+from modernbert_ane.checkpoint import CheckpointError, resolve_checkpoint
 from checkpoints import CONFIGS, TASK_CLASSES, _trained_tokenizer_json, build_sentence_transformers, build_tokenizer
-from evaluation import EVAL_TEXTS, reference_model, sentence_embeddings, tokenize
-from model import MASK_FILL, NORM_KINDS, ActivationProbe, LayerNorm, ModernBert, ModernBertConfig, RMSNorm, default_task
+from modernbert_ane.evaluation import EVAL_TEXTS, reference_model, sentence_embeddings, tokenize
+from modernbert_ane.model import MASK_FILL, NORM_KINDS, ActivationProbe, LayerNorm, ModernBert, ModernBertConfig, RMSNorm, default_task
 
 TOL = 1e-4
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from output_files import Ours, check_output, json_with_keys, publish, rename_new, staging_folder, write_file
-from user_errors import UserError, run_cli
+from modernbert_ane.output_files import Ours, check_output, json_with_keys, publish, rename_new, staging_folder, write_file
+from modernbert_ane.user_errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,11 +160,12 @@ def test_rename_new_never_replaces(tmp_path):
 
 
 SLOW_WRITER = r'''
-import sys, time
+import sys
+import time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from output_files import staging_folder
-from user_errors import run_cli
+from modernbert_ane.output_files import staging_folder
+from modernbert_ane.user_errors import run_cli
 
 def main(argv):
     with staging_folder(Path(argv[0])) as staging:

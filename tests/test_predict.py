@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-import convert
-import predict
-from mlpackage import package_inputs
+from modernbert_ane import convert
+from modernbert_ane import predict
+from modernbert_ane.coreml.package import package_inputs
 from checkpoints import build_sentence_transformers
-from user_errors import UserError, run_cli
+from modernbert_ane.user_errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = "the capital of france is [MASK]."                             # 9 tokens: fits 32
@@ -125,7 +125,7 @@ def test_classify_scores_per_problem_type():
 # ----------------------------------------------------------------------------- tasks
 
 def test_fill_mask_top1_matches_float32_model(packages, capsys):
-    from model import ModernBert
+    from modernbert_ane.model import ModernBert
     package, folder = packages("fill-mask")
     texts = [SHORT, "water [MASK] at one hundred [MASK] celsius."]
     doc = run_json([str(package), *texts, "--top-k", "3"], capsys)
@@ -223,7 +223,7 @@ def test_token_classify_labels_every_ordinary_token(packages, capsys):
 
 
 def test_encoder_shape_norms_and_full_json(packages, capsys):
-    from model import ModernBert
+    from modernbert_ane.model import ModernBert
     package, folder = packages("encoder")
     doc = run_json([str(package), LONG], capsys)
     result = doc["results"][0]
@@ -259,7 +259,7 @@ def test_multi_function_package_runs_each_head_at_each_length(packages, capsys):
 
 
 def test_embed_vector_similarity_and_zero_shot(packages, capsys):
-    from model import ModernBert
+    from modernbert_ane.model import ModernBert
     package, folder = packages("embed")
     texts = ["paris is the capital of france.", "the capital of france is paris.", "water boils at one hundred."]
     doc = run_json([str(package), *texts], capsys)
@@ -394,8 +394,8 @@ def test_bad_input_gets_one_line_in_process(packages, capsys, tmp_path, monkeypa
 def foreign_packages(tmp_path):
     """A valid ML Program without our metadata, and one claiming a task predict.py does not know."""
     from coremltools.converters.mil import Builder as mb
-    from mlpackage import package_spec, save_spec, write_metadata
-    from quiet_coremltools import import_coremltools
+    from modernbert_ane.coreml.package import package_spec, save_spec, write_metadata
+    from modernbert_ane.coreml.quiet_coremltools import import_coremltools
     ct = import_coremltools()
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(1, 2))])
@@ -529,7 +529,7 @@ def test_integer_id2label_values_print_as_strings(released, capsys):
     assert {t["label"] for t in doc["results"][0]["tokens"]} <= {"0", "1", "2"}
     code, out, err = run_main([str(package), ACCENTED], capsys)
     assert code == 0, err
-    from mlpackage import read_metadata
+    from modernbert_ane.coreml.package import read_metadata
     assert read_metadata(package)["labels"] == ["0", "1", "2"]
 
 
@@ -593,7 +593,7 @@ def test_pairs_need_a_classify_package(packages, released, capsys):
 
 
 def test_sentence_transformers_prompts_are_listed_and_applied(released, capsys):
-    from mlpackage import read_metadata
+    from modernbert_ane.coreml.package import read_metadata
     package, _ = released("embed-prompts")
     assert read_metadata(package)["prompts"] == {
         "prompts": {"document": "search_document: ", "query": "search_query: "}, "default": None}
@@ -632,7 +632,7 @@ def test_token_ids_are_checked_against_the_vocabulary(packages, capsys):
 
 
 def test_metadata_is_checked_by_type_when_read(tmp_path):
-    from mlpackage import PackageError, check_metadata
+    from modernbert_ane.coreml.package import PackageError, check_metadata
     good = {"task": "classify", "labels": ["a", 1, True], "vocab_size": 10, "pad_token_id": 3}
     assert check_metadata(dict(good), "p")["labels"] == ["a", "1", "true"]
     for bad in ({"labels": "a,b"}, {"labels": [{"x": 1}]}, {"seq_lengths": [0]}, {"vocab_size": 1.5},

@@ -31,15 +31,15 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.extra import numpy as hnp
 
-import predict
-from evaluation import EVAL_TEXTS, load_tokenizer, tokenize
-from mlpackage import package_inputs
+from modernbert_ane import predict
+from modernbert_ane.evaluation import EVAL_TEXTS, load_tokenizer, tokenize
+from modernbert_ane.coreml.package import package_inputs
 from modernbert_ane.coreml.emulator import MLProgramEmulator
 from modernbert_ane.coreml.emulator.numerics import f16 as _f16
-from model import MASK_FILL, ModernBert, ModernBertConfig
-from user_errors import UserError
+from modernbert_ane.model import MASK_FILL, ModernBert, ModernBertConfig
+from modernbert_ane.user_errors import UserError
 from checkpoints import build_tokenizer
-from quiet_coremltools import import_coremltools
+from modernbert_ane.coreml.quiet_coremltools import import_coremltools
 from test_emulator import FP16, _quiet_convert, f16      # the shared MIL conversion helpers
 
 ct = import_coremltools()

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-import convert
-import diff_coreml
-import predict
+from modernbert_ane import convert
+from modernbert_ane import diff_coreml
+from modernbert_ane import predict
 from checkpoints import REFERENCE, REFERENCE_HEADS, build_reference
-from evaluation import load_tokenizer, tokenize
-from user_errors import run_cli
+from modernbert_ane.evaluation import load_tokenizer, tokenize
+from modernbert_ane.user_errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import report
-from user_errors import UserError
+from modernbert_ane import report
+from modernbert_ane.user_errors import UserError
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 CHROMIUM_APPS = ("/Applications/Chromium.app/Contents/MacOS/Chromium",

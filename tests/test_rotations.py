@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from checkpoints import CONFIGS, MASSIVE, OUTLIER_CHANNELS, build_tokenizer
-from evaluation import EVAL_TEXTS, tokenize
-from model import ModernBert, ModernBertConfig, RMSNorm
-from rotations import NoHadamardConstructionError, rotate_model
-from rotations import strategy
-from user_errors import run_cli
-import diff_torch
+from modernbert_ane.evaluation import EVAL_TEXTS, tokenize
+from modernbert_ane.model import ModernBert, ModernBertConfig, RMSNorm
+from modernbert_ane.rotations import NoHadamardConstructionError, rotate_model
+from modernbert_ane.rotations import strategy
+from modernbert_ane.user_errors import run_cli
+from modernbert_ane import diff_torch
 
 
 def load(folder, task=None):
@@ -129,8 +129,8 @@ def test_without_rotation_a_safe_norm_beats_hadamard_on_delimiters(checkpoint_fa
     folder = checkpoint_factory("small", "encoder", outliers=plant)
     model = load(folder)
     ids, mask = tokenize(build_tokenizer(), EVAL_TEXTS, 128)
-    from evaluation import reference_model, reference_outputs
-    from checkpoint import resolve_checkpoint
+    from modernbert_ane.evaluation import reference_model, reference_outputs
+    from modernbert_ane.checkpoint import resolve_checkpoint
     ckpt = resolve_checkpoint(str(folder))
     reference = reference_outputs(reference_model(ckpt, "encoder"), "encoder", ids, mask, ckpt)["output"]
     rows = {(r, n): strategy.measure(model, r, n, 0, reference, ids, mask)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import transformers
 
-from model import ModernBert, ModernBertConfig
+from modernbert_ane.model import ModernBert, ModernBertConfig
 from modernbert_ane import tasks
 
 

@@ -8,7 +8,7 @@ from .errors import NotAnMLPackageError, UnsupportedOpError
 from .numerics import F32, f16
 
 def import_ct():
-    from quiet_coremltools import import_coremltools
+    from modernbert_ane.coreml.quiet_coremltools import import_coremltools
 
     return import_coremltools()
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation import load_tokenizer
-from mlpackage import (DEFAULT_COMPUTE_UNITS, PackageError, PackageRunner, check_token_ids,
+from modernbert_ane.evaluation import load_tokenizer
+from modernbert_ane.coreml.package import (DEFAULT_COMPUTE_UNITS, PackageError, PackageRunner, check_token_ids,
                        input_lengths, package_inputs, read_metadata, resolve_backend, tokenizer_revision)
 from modernbert_ane.tasks import OUTPUT_NAMES, POOLED_TASKS, TASKS
 from modernbert_ane import cli
-from user_errors import UserError, run_cli
+from modernbert_ane.user_errors import UserError, run_cli
 
 SHOW_VALUES = 8                                    # embedding values shown (all of them with --json)
 SHOW_TOKENS = 16                                   # encoder tokens whose norm is shown (all with --json)
@@ -575,5 +575,10 @@ def main(argv) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The console script (and `python predict.py`): main with one-line errors."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    entry_point()

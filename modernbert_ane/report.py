@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from output_files import publish, staging_folder
-from user_errors import UserError, writing
+from modernbert_ane.output_files import publish, staging_folder
+from modernbert_ane.user_errors import UserError, writing
 
 FLOAT16_MAX = 65504.0                          # as model.FLOAT16_MAX (not imported: this module needs no torch)
 PLOTS = {"activations": "activations.png", "disagreement": "kl_per_token.png"}

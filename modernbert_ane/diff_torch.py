@@ -19,17 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation import (EVAL_TEXTS, Accounting, check_gates, compare_rows, format_accounting,
+from modernbert_ane.evaluation import (EVAL_TEXTS, Accounting, check_gates, compare_rows, format_accounting,
                         format_gates, format_metrics, format_table, gate_exit, gate_results, load_tokenizer,
                         merge_compare_rows, output_measure, overflow_metrics, reference_model, reference_outputs,
                         residual_peaks, tokenize, valid_rows)
-from checkpoint import check_rotation, resolve_checkpoint
-from model import ActivationProbe, ModernBert
+from modernbert_ane.checkpoint import check_rotation, resolve_checkpoint
+from modernbert_ane.model import ActivationProbe, ModernBert
 from modernbert_ane.tasks import POOLED_TASKS
-from report import write_report
-from rotations import ROTATION_KINDS, rotate_model
+from modernbert_ane.report import write_report
+from modernbert_ane.rotations import ROTATION_KINDS, rotate_model
 from modernbert_ane import cli
-from user_errors import run_cli
+from modernbert_ane.user_errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,5 +239,10 @@ def main(argv) -> int:
     return gate_exit(gates)
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The console script (and `python diff_torch.py`): main with one-line errors."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    entry_point()

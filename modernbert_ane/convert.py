@@ -23,21 +23,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ane_readiness import Readiness
-from checkpoint import check_rotation, read_prompts, resolve_checkpoint
-from evaluation import (EVAL_TEXTS, cosine_metrics, distribution_metrics, load_tokenizer,
+from modernbert_ane.coreml.readiness import Readiness
+from modernbert_ane.checkpoint import check_rotation, read_prompts, resolve_checkpoint
+from modernbert_ane.evaluation import (EVAL_TEXTS, cosine_metrics, distribution_metrics, load_tokenizer,
                         reference_model, reference_outputs, tokenize)
-from mlpackage import (PROJECT_VERSION, PackageRunner, function_description, package_inputs,
+from modernbert_ane.coreml.package import (PROJECT_VERSION, PackageRunner, function_description, package_inputs,
                        package_spec, save_spec, write_metadata, written_by_convert)
-from model import NORM_KINDS, ModernBert
+from modernbert_ane.model import NORM_KINDS, ModernBert
 from modernbert_ane.tasks import COSINE_TASKS, OUTPUT_NAMES, POOLED_TASKS, SPECS
-from output_files import Ours, check_output as check_output_file, publish, staging_folder
-from package_cost import metadata_entry, package_costs
-from quiet_coremltools import import_coremltools
-from rotations import ROTATION_KINDS, rotate_model
-from rotations.fuse import SEEDED_KINDS
+from modernbert_ane.output_files import Ours, check_output as check_output_file, publish, staging_folder
+from modernbert_ane.coreml.cost import metadata_entry, package_costs
+from modernbert_ane.coreml.quiet_coremltools import import_coremltools
+from modernbert_ane.rotations import ROTATION_KINDS, rotate_model
+from modernbert_ane.rotations.fuse import SEEDED_KINDS
 from modernbert_ane import cli
-from user_errors import UserError, run_cli, writing
+from modernbert_ane.user_errors import UserError, run_cli, writing
 
 MASK_DESCRIPTION = {False: "1 for a token, 0 for padding, int32",
                     True: "which packed text a token belongs to (1..K, texts contiguous and in order), 0 for "
@@ -288,7 +288,7 @@ def compressed_rows(rows: np.ndarray, mode: str) -> np.ndarray:
 
 def strategy_candidates(norm: str | None) -> list[tuple[str, str]]:
     """What --rotation auto measures: rotations/strategy.py's candidates, or both rotations with a given --norm."""
-    from rotations.strategy import AUTO_CANDIDATES
+    from modernbert_ane.rotations.strategy import AUTO_CANDIDATES
     return list(AUTO_CANDIDATES) if norm is None else [("none", norm), ("hadamard", norm)]
 
 
@@ -297,7 +297,7 @@ def choose_strategy(model: ModernBert, reference_model, ckpt, tokenizer, args, l
     """(chosen, rows): every candidate strategy measured on the evaluation texts at the package's largest
     length (model.py float16 against `reference_model`, float32 transformers; compressed weights simulated),
     the best chosen."""
-    from rotations import NoHadamardConstructionError, strategy
+    from modernbert_ane.rotations import NoHadamardConstructionError, strategy
     ids, mask = tokenize(tokenizer, EVAL_TEXTS, min(lengths[-1], model.config.max_position_embeddings))
     reference = reference_outputs(reference_model, model.task, ids, mask, ckpt)["output"]
     compress = None if args.compress == "none" else functools.partial(
@@ -529,7 +529,7 @@ def convert_checkpoint(args) -> Path:
         chosen, rows = choose_strategy(model, transformers_model, ckpt, tokenizer, args, lengths, embedding_gain)
         del transformers_model
         steps.done()
-        from rotations.strategy import format_strategies, metadata_rows, measure_name
+        from modernbert_ane.rotations.strategy import format_strategies, metadata_rows, measure_name
         args.rotation, args.norm = chosen["rotation"], chosen["norm"]
         strategy = {"chosen_by": "measurement", "measure": measure_name(model.task, rows),
                     "compress": args.compress, "candidates": metadata_rows(rows, model.task)}
@@ -578,5 +578,10 @@ def convert_checkpoint(args) -> Path:
     return output
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The console script (and `python convert.py`): main with one-line errors."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import Checkpoint, CheckpointError, load_state_dict, resolve_checkpoint, sentence_modules
+from modernbert_ane.checkpoint import Checkpoint, CheckpointError, load_state_dict, resolve_checkpoint, sentence_modules
 from modernbert_ane.tasks import ARCHITECTURE_TASKS, POOLED_TASKS, TASKS
 
 MASK_FILL = -1e4            # float16-safe "minus infinity": exp(-1e4) == 0, and -2e4 (two masks added) is finite

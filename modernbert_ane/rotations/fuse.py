@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model import ModernBert, RMSNorm, LayerNorm, conv1x1
-from rotations.hadamard import rotation_matrix
+from modernbert_ane.model import ModernBert, RMSNorm, LayerNorm, conv1x1
+from modernbert_ane.rotations.hadamard import rotation_matrix
 
 ROTATION_KINDS = ("hadamard", "random", "identity", "none")
 SEEDED_KINDS = ("hadamard", "random")

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import (TOKENIZER_FILES, Checkpoint, CheckpointError, check_files, check_finite, check_weight_files,
+from modernbert_ane.checkpoint import (TOKENIZER_FILES, Checkpoint, CheckpointError, check_files, check_finite, check_weight_files,
                         is_hub_id, read_json, sentence_modules)
 from modernbert_ane.tasks import COSINE_TASKS, POOLED_TASKS, SPECS
-from user_errors import UserError
+from modernbert_ane.user_errors import UserError
 
 # Short sentences and passages longer than the 128-token local window of the released checkpoints,
 # so both the global and the sliding-window layers, and padding in a batch, are exercised.

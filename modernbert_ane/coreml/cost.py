@@ -132,7 +132,7 @@ class Program:
 
     def observed_shapes(self, length: int) -> dict:
         """name -> shape of every value when the function runs at `length` tokens on the emulator."""
-        from mlpackage import package_inputs
+        from modernbert_ane.coreml.package import package_inputs
         emu = _emulator().MLProgramEmulator(str(self.package), function_name=self.function)
         inputs = package_inputs([[0] * length], length, 0)          # ids 0, one text: shapes are all we read
         expected = iter((op.op_type, name) for op in self.ops for name in op.outputs)
@@ -274,7 +274,7 @@ def summarize(costs: list[OpCost]) -> dict:
 def package_costs(package, function: str | None = None, lengths=None) -> dict[int, dict]:
     """length -> summarize() of one function of a package, at each of `lengths` (default: every length the
     function accepts). A flexible function is run once per length on the emulator to learn its shapes."""
-    from mlpackage import input_lengths
+    from modernbert_ane.coreml.package import input_lengths
     program = Program(package, function)
     fixed = program.static_length()
     lengths = [fixed] if fixed is not None else list(lengths or input_lengths(package, program.function))

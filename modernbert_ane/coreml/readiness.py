@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from package_cost import format_summary
-from quiet_coremltools import import_coremltools
+from modernbert_ane.coreml.cost import format_summary
+from modernbert_ane.coreml.quiet_coremltools import import_coremltools
 
 import_coremltools()
 from coremltools.converters.mil.mil import types  # noqa: E402  (after the quiet import)

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from user_errors import UserError, out_of_space, writing
+from modernbert_ane.user_errors import UserError, out_of_space, writing
 
 PROBE_BYTES = 4096                      # a block: a full disk or a file-size limit shows on the probe
 OURS_JSON_LIMIT = 64 << 20              # a --json file larger than this is not one of ours: not read to find out

@@ -1,5 +1,5 @@
 """ane_readiness.py: the summary's FLOP and byte lines (package_cost.py's counts)."""
-from ane_readiness import Readiness
+from modernbert_ane.coreml.readiness import Readiness
 
 SUMMARY = {"flops": 2_500_000_000, "flops_by_category": {"conv": 2_000_000_000, "matmul": 500_000_000},
            "weight_bytes": 3 * 2**20, "activation_bytes_written": 5 * 2**20,

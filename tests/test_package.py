@@ -10,13 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-import checkpoint
-import diff_coreml
-import evaluation
-import mlpackage
-import predict
-from quiet_coremltools import import_coremltools
-from user_errors import UserError, run_cli
+from modernbert_ane import checkpoint
+from modernbert_ane import diff_coreml
+from modernbert_ane import evaluation
+from modernbert_ane.coreml import package as mlpackage
+from modernbert_ane import predict
+from modernbert_ane.coreml.quiet_coremltools import import_coremltools
+from modernbert_ane.user_errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_MAC = pytest.mark.skipif(sys.platform == "darwin", reason="checks the refusal off macOS")
@@ -181,7 +181,7 @@ def test_load_tokenizer_passes_the_revision(checkpoint_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def hub_package(checkpoint_factory, tmp_path_factory):
     """A tiny package whose metadata says it came from a hub repository at a commit."""
-    import convert
+    from modernbert_ane import convert
     out = tmp_path_factory.mktemp("hub") / "hub.mlpackage"
     with pytest.raises(SystemExit) as e:
         run_cli(convert.main, [str(checkpoint_factory("tiny")), "--seq-len", "32", "--skip-check", "-o", str(out)])

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import CheckpointError, confined
-from output_files import staging_folder
-from quiet_coremltools import import_coremltools
-from user_errors import UserError
+from modernbert_ane.checkpoint import CheckpointError, confined
+from modernbert_ane.output_files import staging_folder
+from modernbert_ane.coreml.quiet_coremltools import import_coremltools
+from modernbert_ane.user_errors import UserError
 
 PROJECT_VERSION = "0.1.0"
 METADATA_PREFIX = "modernbert_ane."

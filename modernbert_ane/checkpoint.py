@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from user_errors import UserError
+from modernbert_ane.user_errors import UserError
 
 DEFAULT_MODEL = "answerdotai/ModernBERT-base"
 # the small ModernBERT this project trained itself (bench/train_reference.py): the offline alternative
@@ -512,7 +512,7 @@ def check_finite(tensors: dict, folder: Path) -> None:
 def check_rotation(kind: str, config: dict) -> None:
     """A Hadamard rotation needs a Hadamard matrix of the hidden size: said before any work, with the
     alternatives (rotations/hadamard.py knows which orders it can build)."""
-    from rotations.hadamard import NoHadamardConstructionError, describe_construction
+    from modernbert_ane.rotations.hadamard import NoHadamardConstructionError, describe_construction
     if kind != "hadamard":
         return
     try:

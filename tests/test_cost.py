@@ -1,11 +1,11 @@
 """package_cost.py: FLOP and byte counts of saved packages against counts worked out by hand from the config."""
 import pytest
 
-import convert
-import package_cost
+from modernbert_ane import convert
+from modernbert_ane.coreml import cost as package_cost
 from checkpoints import CONFIGS
-from mlpackage import read_metadata
-from user_errors import run_cli
+from modernbert_ane.coreml.package import read_metadata
+from modernbert_ane.user_errors import run_cli
 
 CFG = CONFIGS["tiny"]
 C, I, L, H = CFG["hidden_size"], CFG["intermediate_size"], CFG["num_hidden_layers"], CFG["num_attention_heads"]

@@ -16,11 +16,11 @@ import copy
 import numpy as np
 import torch
 
-from diff_torch import run_model
-from evaluation import output_metrics, overflow_metrics
+from modernbert_ane.diff_torch import run_model
+from modernbert_ane.evaluation import output_metrics, overflow_metrics
 from modernbert_ane.tasks import COSINE_TASKS
-from model import ActivationProbe, ModernBert
-from rotations.fuse import rotate_model
+from modernbert_ane.model import ActivationProbe, ModernBert
+from modernbert_ane.rotations.fuse import rotate_model
 
 # what `convert.py --rotation auto` weighs. "fused" is left out: its squares overflow float16 once a
 # token's centred activations exceed 256, which calibration texts may not show (forced with --norm fused)

@@ -18,17 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError, resolve_checkpoint
-from evaluation import (EVAL_TEXTS, Accounting, check_gates, format_accounting, format_gates,
+from modernbert_ane.checkpoint import CheckpointError, resolve_checkpoint
+from modernbert_ane.evaluation import (EVAL_TEXTS, Accounting, check_gates, format_accounting, format_gates,
                         format_metrics, format_table, gate_exit, gate_results, load_tokenizer, output_measure,
                         reference_model, reference_outputs, residual_peaks, tokenize, valid_rows)
-from mlpackage import (PackageRunner, check_token_ids, input_lengths, read_metadata,
+from modernbert_ane.coreml.package import (PackageRunner, check_token_ids, input_lengths, read_metadata,
                        resolve_backend, tokenizer_revision)
-from model import FLOAT16_MAX, MASK_FILL, ActivationProbe, ModernBert, ModernBertConfig
+from modernbert_ane.model import FLOAT16_MAX, MASK_FILL, ActivationProbe, ModernBert, ModernBertConfig
 from modernbert_ane.tasks import POOLED_TASKS
-from report import write_report
+from modernbert_ane.report import write_report
 from modernbert_ane import cli
-from user_errors import UserError, run_cli
+from modernbert_ane.user_errors import UserError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,5 +242,10 @@ def main(argv) -> int:
     return gate_exit(gates)
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The console script (and `python diff_coreml.py`): main with one-line errors."""
     run_cli(main)
+
+
+if __name__ == "__main__":
+    entry_point()
