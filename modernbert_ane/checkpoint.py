@@ -22,7 +22,7 @@ from modernbert_ane.user_errors import UserError
 
 DEFAULT_MODEL = "answerdotai/ModernBERT-base"
 # the small ModernBERT this project trained itself (bench/train_reference.py): the offline alternative
-BUNDLED_MODEL = Path(__file__).resolve().parent / "tests" / "data" / "reference"
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "tests" / "data" / "reference"   # in a checkout
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a conversion needs from a hub repository; everything else (ONNX exports, pickles...) is skipped.
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "2_Dense/*", "3_Normalize/*"]
@@ -95,9 +95,9 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[P
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except Exception as e:  # offline, unreachable, unknown repo, gated...: all end the same way for the user
         reason = "the hub is offline or unreachable" if _looks_offline(e) else f"{type(e).__name__}: {e}"
+        bundled = f", e.g. the bundled trained model {display_path(BUNDLED_MODEL)}" if BUNDLED_MODEL.is_dir() else ""
         raise CheckpointError(f"cannot download '{repo_id}' from the Hugging Face hub ({reason}); "
-                              f"pass a local checkpoint folder instead, e.g. the bundled trained model "
-                              f"{display_path(BUNDLED_MODEL)}") from e
+                              f"pass a local checkpoint folder instead{bundled}") from e
     folder = Path(folder)
     commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision
     if not allow_pickle and not any(folder.rglob("*.safetensors")) and _hub_has_pickle(repo_id, commit):

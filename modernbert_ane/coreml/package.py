@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from modernbert_ane import __version__
 from modernbert_ane.checkpoint import CheckpointError, confined
 from modernbert_ane.output_files import staging_folder
 from modernbert_ane.coreml.quiet_coremltools import import_coremltools
 from modernbert_ane.user_errors import UserError
 
-PROJECT_VERSION = "0.1.0"
+PROJECT_VERSION = __version__
 METADATA_PREFIX = "modernbert_ane."
 BACKENDS = ("auto", "coreml", "emulate")
 
