@@ -8,13 +8,13 @@ the cache) and the cached load (CompiledMLModel on the compiled copy in the cach
 per sequence length, `--warmup` untimed predictions then `--runs` timed ones (median, min, max), and the
 throughput from the package's own FLOP count (package_cost.py: the metadata's `cost`, or counted now);
 then Core ML's compute plan (MLComputePlan, macOS 14.4+): the share of ops and of FLOPs it places on the
-Neural Engine, and every op that falls back, grouped by type. macOS only: elsewhere it says so in one line.
+Neural Engine, and every op that falls back, grouped by type (of the function that runs the largest length: a
+`--shapes functions` package has one per length). macOS only: elsewhere it says so in one line.
 
 The aggregation and formatting below take plain data (lists of dicts), so they are tested on Linux
 (tests/test_bench_device.py) with fabricated records; only `measure_*` call Core ML.
 """
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -146,14 +146,15 @@ def measure_loads(package, units: str, function: str | None) -> tuple[dict, Pack
             "compiled_path": cached.load_report["compiled_path"]}, cached
 
 
-def flop_counts(package, function: str | None, meta: dict, lengths: list[int]) -> dict[int, int]:
-    """length -> FLOPs: the metadata's counts, the rest counted now (package_cost.py)."""
+def flop_counts(package, meta: dict, lengths: list[int]) -> dict[int, int]:
+    """length -> FLOPs: the metadata's counts, the rest counted now (package_cost.py) on the function that runs
+    each length (meta["length_functions"], mlpackage.read_metadata)."""
     stored = meta.get("cost") or {}
     counts = {n: stored[str(n)]["flops"] for n in lengths if str(n) in stored}
-    missing = [n for n in lengths if n not in counts]
-    if missing:
+    if len(counts) < len(lengths):
         from package_cost import package_costs
-        counts.update({n: s["flops"] for n, s in package_costs(package, function, missing).items()})
+        for n in [n for n in lengths if n not in counts]:
+            counts.update({n: s["flops"] for n, s in package_costs(package, meta["length_functions"][n], [n]).items()})
     return counts
 
 
@@ -178,7 +179,8 @@ def main(argv) -> int:
     unknown = [n for n in lengths if n not in available]
     if unknown:
         raise UserError(f"{args.package} has no length {unknown[0]} (it has {', '.join(map(str, available))})")
-    flops = flop_counts(args.package, meta["function"], meta, lengths)
+    flops = flop_counts(args.package, meta, lengths)
+    placed = meta["length_functions"][max(lengths)]          # the function whose placement is read
     doc = {"package": str(args.package), "function": meta["function"], "lengths": lengths, "flops": flops,
            "loads": {}, "latency": [], "placement": {}}
     for units in args.compute_units:
@@ -190,12 +192,11 @@ def main(argv) -> int:
                                    "tflops": tflops(flops[n], stats["median_ms"])})
         if not args.no_placement:
             try:
-                records = compute_plan_records(doc["loads"][units]["compiled_path"], units, meta["function"])
+                records = compute_plan_records(doc["loads"][units]["compiled_path"], units, placed)
             except ValueError as e:                    # coremltools: "MLComputePlan is not supported" before 14.4
                 print(f"{units}: no op placement ({e}; MLComputePlan needs macOS 14.4+)", file=sys.stderr)
                 continue
-            doc["placement"][units] = placement_summary(records, per_op_flops(args.package, meta["function"],
-                                                                              lengths[-1]))
+            doc["placement"][units] = placement_summary(records, per_op_flops(args.package, placed, max(lengths)))
     print(format_loads(doc["loads"]))
     print(format_latency(doc["latency"]))
     for units, summary in doc["placement"].items():

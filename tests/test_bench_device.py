@@ -67,7 +67,7 @@ def test_format_latency_and_loads():
 
 def test_flop_counts_prefer_the_metadata():
     meta = {"cost": {"512": {"flops": 123}}}
-    assert bench_device.flop_counts("unused.mlpackage", None, meta, [512]) == {512: 123}
+    assert bench_device.flop_counts("unused.mlpackage", meta, [512]) == {512: 123}
 
 
 def test_arguments():
