@@ -140,6 +140,61 @@ def test_load_compiles_once_then_reuses_the_cache(tmp_path, monkeypatch):
     assert fake.calls[0][0] == "compile"
 
 
+def functions_package(folder: Path) -> Path:
+    """A package laid out as `convert.py --shapes functions --seq-len 32 64` lays it out (a spec only, no program):
+    functions fill_mask_32 and fill_mask_64, the larger the default, and their heads in the metadata."""
+    import_coremltools()
+    from coremltools.proto import Model_pb2
+    spec = Model_pb2.Model()
+    spec.description.defaultFunctionName = "fill_mask_64"
+    functions = {}
+    for n in (32, 64):
+        function = spec.description.functions.add(name=f"fill_mask_{n}")
+        for name in ("input_ids", "attention_mask"):
+            feature = function.input.add(name=name)
+            feature.type.multiArrayType.shape.extend([1, n])
+        functions[f"fill_mask_{n}"] = {"task": "fill-mask", "output": "logits", "head": "fill_mask", "seq_lengths": [n]}
+    mlpackage.write_metadata(spec, {"shapes": "functions", "seq_lengths": [32, 64], "functions": functions})
+    make_package(folder)
+    (folder / "Manifest.json").write_text(json.dumps({"itemInfoEntries": {"A": {"path": "com.apple.CoreML/model.mlmodel"}},
+                                                      "rootModelIdentifier": "A"}))
+    mlpackage.save_spec(folder, spec)
+    return folder
+
+
+def test_core_ml_path_runs_the_function_of_the_inputs_length(tmp_path, monkeypatch):
+    """--shapes functions on macOS: PackageRunner loads each function of the head from the one compiled copy and
+    predicts with the one of the input's length (recorded through the stand-in for coremltools)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fake, predicted = RecordingCoreML(), []
+
+    class Loaded:
+        def __init__(self, path, compute_units, function_name):
+            self.function = function_name
+
+        def predict(self, inputs):
+            predicted.append((self.function, inputs["input_ids"].shape))
+            return {"logits": inputs["input_ids"][..., None].astype("float32")}
+
+    fake.models.CompiledMLModel = Loaded
+    monkeypatch.setattr(mlpackage, "import_coremltools", lambda: fake)
+    monkeypatch.setattr(mlpackage, "resolve_backend", lambda backend: "coreml")
+    package = functions_package(tmp_path / "f.mlpackage")
+    meta = mlpackage.read_metadata(package)
+    assert (meta["function"], meta["seq_lengths"]) == ("fill_mask", [32, 64])
+    assert meta["length_functions"] == {32: "fill_mask_32", 64: "fill_mask_64"}
+    runner = mlpackage.PackageRunner(package, "coreml", function=meta["function"], compute_units="cpu-only")
+    assert [c[0] for c in fake.calls] == ["compile"]                           # one compile for both functions
+    assert runner.load_report["cache"] == "miss" and sorted(runner._models) == ["fill_mask_32", "fill_mask_64"]
+    for n in (32, 64, 32):
+        runner.predict(mlpackage.package_inputs([[1, 2, 3]], n, 0))
+    assert predicted == [("fill_mask_32", (1, 32)), ("fill_mask_64", (1, 64)), ("fill_mask_32", (1, 32))]
+    with pytest.raises(UserError, match="takes no input of 48 tokens"):
+        runner.predict(mlpackage.package_inputs([[1, 2, 3]], 48, 0))
+    only = mlpackage.PackageRunner(package, "coreml", function="fill_mask_32")
+    assert list(only._models) == ["fill_mask_32"] and only.functions == {32: "fill_mask_32"}
+
+
 @NOT_MAC
 @pytest.mark.parametrize("script,argv", [
     ("predict.py", ["missing.mlpackage", "text", "--backend", "coreml"]),
