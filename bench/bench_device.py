@@ -11,25 +11,22 @@ then Core ML's compute plan (MLComputePlan, macOS 14.4+): the share of ops and o
 Neural Engine, and every op that falls back, grouped by type (of the function that runs the largest length: a
 `--shapes functions` package has one per length). macOS only: elsewhere it says so in one line.
 
-The aggregation and formatting below take plain data (lists of dicts), so they are tested on Linux
-(tests/test_bench_device.py) with fabricated records; only `measure_*` call Core ML.
+The aggregation and formatting take plain data (lists of dicts), so they are tested on Linux
+(tests/test_bench_device.py) with fabricated records; only `measure_*` call Core ML. The placement's aggregation
+and wording are mlpackage.py's (placement_summary, format_placement), shared with diff_coreml.py's report.
 """
 import argparse
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlpackage import (COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS, PackageRunner, compute_plan_records, input_lengths,  # noqa: E402
-                       package_inputs, read_metadata)
+from mlpackage import (COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS, PackageRunner, compute_plan_records,  # noqa: E402
+                       format_placement, input_lengths, package_inputs, per_op_flops, placement_summary, read_metadata)
 from user_errors import UserError, run_cli  # noqa: E402
-
-NEURAL_ENGINE = "neural_engine"
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,35 +58,6 @@ def tflops(flops: int | None, median_ms: float) -> float | None:
     return None if not flops or median_ms <= 0 else flops / (median_ms * 1e-3) / 1e12
 
 
-def placement_summary(records: list[dict], op_flops: dict[str, int]) -> dict:
-    """Aggregate compute-plan records (mlpackage.compute_plan_records) with per-op FLOPs (first output name ->
-    FLOPs, package_cost.op_costs): the share of ops and of FLOPs on the Neural Engine, ops per device, and
-    every op placed elsewhere grouped by type (count, FLOPs, devices, up to 3 op names)."""
-    devices, fallbacks = defaultdict(int), {}
-    total_flops = sum(op_flops.get(r["name"], 0) for r in records)
-    ne_ops = ne_flops = 0
-    for r in records:
-        device, flops = r["device"] or "unknown", op_flops.get(r["name"], 0)
-        devices[device] += 1
-        if device == NEURAL_ENGINE:
-            ne_ops, ne_flops = ne_ops + 1, ne_flops + flops
-            continue
-        group = fallbacks.setdefault(r["op_type"], {"count": 0, "flops": 0, "devices": {}, "examples": []})
-        group["count"] += 1
-        group["flops"] += flops
-        group["devices"][device] = group["devices"].get(device, 0) + 1
-        if len(group["examples"]) < 3:
-            group["examples"].append(r["name"])
-    return {"ops": len(records), "ops_by_device": dict(sorted(devices.items())),
-            "neural_engine_op_share": ne_ops / len(records) if records else None,
-            "neural_engine_flop_share": ne_flops / total_flops if total_flops else None,
-            "fallbacks": dict(sorted(fallbacks.items(), key=lambda kv: (-kv[1]["count"], kv[0])))}
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f} %"
-
-
 def format_latency(rows: list[dict]) -> str:
     """A Markdown table of the latency rows (compute_units, length, median/min/max ms, TFLOP/s)."""
     lines = ["| compute units | length | median | min | max | TFLOP/s |", "|---|---|---|---|---|---|"]
@@ -104,20 +72,6 @@ def format_loads(loads: dict) -> str:
     """compute units -> {first_load_s, cached_load_s}: one line each."""
     return "\n".join(f"{units}: first load {l['first_load_s']:.2f} s (compile + load), cached load "
                      f"{l['cached_load_s']:.2f} s" for units, l in loads.items())
-
-
-def format_placement(units: str, summary: dict) -> str:
-    """The placement summary in words: shares, then each fallback type."""
-    devices = ", ".join(f"{d} {n}" for d, n in summary["ops_by_device"].items())
-    lines = [f"{units}: {summary['ops']} ops ({devices}); on the Neural Engine: "
-             f"{_pct(summary['neural_engine_op_share'])} of ops, {_pct(summary['neural_engine_flop_share'])} of FLOPs"]
-    if not summary["fallbacks"]:
-        lines.append("  every op on the Neural Engine")
-    for op_type, g in summary["fallbacks"].items():
-        where = ", ".join(f"{d} {n}" for d, n in sorted(g["devices"].items()))
-        lines.append(f"  off the Neural Engine: {op_type} x{g['count']} ({where}; {g['flops'] / 1e9:.3g} GFLOP), "
-                     f"e.g. {', '.join(g['examples'])}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- Core ML (macOS)
@@ -156,12 +110,6 @@ def flop_counts(package, meta: dict, lengths: list[int]) -> dict[int, int]:
         for n in [n for n in lengths if n not in counts]:
             counts.update({n: s["flops"] for n, s in package_costs(package, meta["length_functions"][n], [n]).items()})
     return counts
-
-
-def per_op_flops(package, function: str | None, length: int) -> dict[str, int]:
-    from package_cost import Program, op_costs
-    program = Program(package, function)
-    return {c.name: c.flops for c in op_costs(program, length)}
 
 
 def main(argv) -> int:
