@@ -220,6 +220,17 @@ def placement_summaries(args, meta: dict, runner: PackageRunner, lengths: list[i
             f"Core ML's compute plan of {compiled}")
 
 
+def running_line(package: str, backend: str, described: str) -> str:
+    """stderr's first progress line: 'running out.mlpackage with Core ML (all, loaded from the cache ...)'."""
+    return f"running {package} with {described if backend == 'coreml' else 'the ' + described}"
+
+
+def format_placement_section(placement: dict, source: str) -> str:
+    """The placement as diff_coreml.py prints it: where it came from, then each compute-unit setting's summary."""
+    return "\n".join([f"where Core ML runs the ops ({source})",
+                      *(format_placement(units, summary) for units, summary in placement.items())])
+
+
 def check_outputs(args, inputs) -> None:
     check_output_path(args.json, args.force, inside=inputs, script="diff_coreml")
     check_output_path(args.report, args.force, inside=inputs, folder=True)
@@ -257,8 +268,7 @@ def main(argv) -> int:
     ref_model = reference_model(ckpt, task)
     check_token_ids([tokenizer(t)["input_ids"] for t in EVAL_TEXTS], meta.get("vocab_size"), args.package,
                     lambda i: f"evaluation text {i + 1}")                # another --tokenizer's ids: refused
-    backend_name = runner.describe() if runner.backend == "coreml" else "the float16 emulator"
-    print(f"running {args.package} with {backend_name}", file=sys.stderr)   # the input read: no more bad-input errors
+    print(running_line(args.package, runner.backend, runner.describe()), file=sys.stderr)   # input read: no more errors
     output_name = meta.get("output", "logits")
     watch = OverflowWatch(conv_weight_names(runner)) if runner.backend == "emulate" else None
     unrotated = ModernBert.from_checkpoint(ckpt, task) if args.report else None      # "before rotation"
@@ -309,8 +319,7 @@ def main(argv) -> int:
         print(format_gates(gates))
     placement, placement_source = placement_summaries(args, meta, runner, lengths)
     if placement:
-        print(f"\nwhere Core ML runs the ops ({placement_source})")
-        print("\n".join(format_placement(units, summary) for units, summary in placement.items()))
+        print("\n" + format_placement_section(placement, placement_source))
     if args.json:
         write_json(args.json, {**metrics, "package": str(args.package), "model": source,
                                "function": meta["function"], "task": task, "texts": rows,

@@ -507,6 +507,13 @@ def per_op_flops(package, function: str | None, length: int) -> dict[str, int]:
     return {c.name: c.flops for c in op_costs(program, length)}
 
 
+def describe_backend(backend: str, compute_units: str | None = None, load_report: dict | None = None) -> str:
+    """The backend in words, for stderr: 'Core ML (cpu-and-ne, loaded from the cache in 0.4 s ...)'."""
+    if backend == "coreml":
+        return f"Core ML ({compute_units}, {describe_load(load_report)})"
+    return "float16 emulator"
+
+
 def describe_load(report: dict) -> str:
     """One line on how Core ML got the model, for stderr."""
     if report["cache"] == "off":
@@ -561,10 +568,7 @@ class PackageRunner:
         return self._models[self.functions[length]]
 
     def describe(self) -> str:
-        """The backend in words, for stderr: 'Core ML (cpu-and-ne, loaded from the cache in 0.4 s ...)'."""
-        if self.backend == "coreml":
-            return f"Core ML ({self.compute_units}, {describe_load(self.load_report)})"
-        return "float16 emulator"
+        return describe_backend(self.backend, self.compute_units, self.load_report)
 
     def predict(self, inputs: dict, observe=None) -> dict:
         """inputs: name -> int32 array. observe(op_name, op_type, value) sees every op (emulator only)."""

@@ -458,6 +458,12 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' * (n != 1)}"
 
 
+def backend_line(described: str, texts: int, labels: int, predictions: int) -> str:
+    """stderr's line on what ran: 'backend: float16 emulator (2 texts in 1 prediction)'."""
+    ran = plural(texts, "text") + (f" and {plural(labels, 'label')}" if labels else "")
+    return f"backend: {described} ({ran} in {plural(predictions, 'prediction')})"
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
     resolve_backend(args.backend)                       # --backend coreml off macOS: refused before any work
@@ -486,9 +492,7 @@ def main(argv) -> int:
     runner = PackageRunner(args.package, args.backend, function=meta["function"], compute_units=args.compute_units,
                            use_cache=not args.no_cache)
     outs, predictions = run_all(runner, meta, seqs + label_seqs, lengths, pad_id, max_texts)
-    ran = plural(len(texts), "text") + (f" and {plural(len(labels), 'label')}" if labels else "")
-    print(f"backend: {runner.describe()} "
-          f"({ran} in {plural(predictions, 'prediction')})", file=sys.stderr)
+    print(backend_line(runner.describe(), len(texts), len(labels or []), predictions), file=sys.stderr)
 
     results = [{"text": text, **({"pair": pair} if pair is not None else {}),
                 **({"prompt": args.prompt} if args.prompt else {}), "num_tokens": len(ids), "length": out["length"],

@@ -74,6 +74,12 @@ def format_loads(loads: dict) -> str:
                      f"{l['cached_load_s']:.2f} s" for units, l in loads.items())
 
 
+def format_results(doc: dict) -> str:
+    """What the benchmark prints: the loads, the latency table, the placement of each compute-unit setting."""
+    return "\n".join([format_loads(doc["loads"]), format_latency(doc["latency"]),
+                      *(format_placement(units, summary) for units, summary in doc["placement"].items())])
+
+
 # ----------------------------------------------------------------------------- Core ML (macOS)
 
 
@@ -145,10 +151,7 @@ def main(argv) -> int:
                 print(f"{units}: no op placement ({e}; MLComputePlan needs macOS 14.4+)", file=sys.stderr)
                 continue
             doc["placement"][units] = placement_summary(records, per_op_flops(args.package, placed, max(lengths)))
-    print(format_loads(doc["loads"]))
-    print(format_latency(doc["latency"]))
-    for units, summary in doc["placement"].items():
-        print(format_placement(units, summary))
+    print(format_results(doc))
     if args.json:
         write_json(args.json, doc)
     return 0

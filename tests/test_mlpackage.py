@@ -195,6 +195,43 @@ def test_core_ml_path_runs_the_function_of_the_inputs_length(tmp_path, monkeypat
     assert list(only._models) == ["fill_mask_32"] and only.functions == {32: "fill_mask_32"}
 
 
+CORE_ML_NAMES = {"MLModel", "CompiledMLModel", "compile_model", "MLComputePlan"}   # coremltools' macOS-only paths
+CORE_ML_FUNCTIONS = {"compile_package", "load_coreml", "compute_plan_records"}
+
+
+def core_ml_uses(source: str) -> set[str]:
+    """The functions of a module that name one of coremltools' macOS-only classes or functions ('<module>' for
+    module level)."""
+    import ast
+    uses = set()
+
+    def visit(node, where):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            where = node.name
+        named = (node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else
+                 None)
+        imported = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+        if named in CORE_ML_NAMES or CORE_ML_NAMES & set(imported):
+            uses.add(where)
+        for child in ast.iter_child_nodes(node):
+            visit(child, where)
+
+    visit(ast.parse(source), "<module>")
+    return uses
+
+
+def test_every_core_ml_call_sits_behind_one_function():
+    """Compiling, loading and the compute plan each happen in one function of mlpackage.py; every script reaches
+    Core ML through them (PackageRunner, bench_device.py's measure_*), so Linux tests cover everything else."""
+    found = {}
+    for path in sorted(p for p in ROOT.rglob("*.py") if "tests" not in p.relative_to(ROOT).parts):
+        uses = core_ml_uses(path.read_text())
+        if uses:
+            found[path.relative_to(ROOT).as_posix()] = uses
+    assert found == {"mlpackage.py": CORE_ML_FUNCTIONS}
+    assert core_ml_uses("def f(ct):\n    return ct.models.MLModel('x')\n") == {"f"}          # the check can fail
+
+
 @NOT_MAC
 @pytest.mark.parametrize("script,argv", [
     ("predict.py", ["missing.mlpackage", "text", "--backend", "coreml"]),
