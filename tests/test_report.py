@@ -97,12 +97,9 @@ def test_placement_section_shows_shares_and_fallbacks_by_type(tmp_path):
                      page)
     assert re.search(r"<td>softmax</td><td[^>]*>1</td><td>cpu 1</td><td[^>]*>2</td><td>probs</td>", page)
     assert page.index("<td>gather</td>") < page.index("<td>softmax</td>")          # most ops first
-    report.write_report(str(tmp_path / "all-ne"), **sample(),
-                        placement={"cpu-and-ne": mlpackage.placement_summary(PLACEMENT_RECORDS[:2], {})})
-    page = (tmp_path / "all-ne" / "index.html").read_text()
-    assert "Every op runs on the Neural Engine." in page and "100.0 % of ops, n/a of FLOPs" in page
-    report.write_report(str(tmp_path / "none"), **sample())
-    assert "compute plan" not in (tmp_path / "none" / "index.html").read_text()
+    section = "\n".join(report.placement_html({"cpu-and-ne": mlpackage.placement_summary(PLACEMENT_RECORDS[:2], {})}))
+    assert "Every op runs on the Neural Engine." in section and "100.0 % of ops, n/a of FLOPs" in section
+    assert report.placement_html(None) == [] and report.placement_html({}) == []        # no plan: no section
 
 
 def test_peaks_are_grouped_per_layer_by_probe_name():
