@@ -110,14 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_output_name(source: str, tasks: list[str], rotation: str, seed: int, lengths: list[int],
-                        compress: str = "none", norm: str | None = None) -> str:
+                        compress: str = "none", norm: str | None = None, shapes: str = "enumerated") -> str:
     """Named from the options, never from a measurement (known before any work, the same on every run):
-    --rotation auto names "auto"; --norm appears only when given."""
+    --rotation auto names "auto"; --norm appears only when given; --shapes functions (several lengths) as
+    "functions" before the lengths."""
     slug = re.sub(r"[^\w.-]+", "-", Path(source.rstrip("/")).name) or "model"
     seed_part = f"-seed{seed}" if rotation in SEEDED_KINDS + ("auto",) and seed else ""
     norm_part = f"-{norm}" if norm else ""
     compress_part = "" if compress == "none" else f"-{compress}"
-    return (f"{slug}-{'+'.join(tasks)}-{rotation}{seed_part}{norm_part}{compress_part}-"
+    shapes_part = "-functions" if shapes == "functions" and len(lengths) > 1 else ""
+    return (f"{slug}-{'+'.join(tasks)}-{rotation}{seed_part}{norm_part}{compress_part}{shapes_part}-"
             f"{'-'.join(map(str, lengths))}.mlpackage")
 
 
@@ -613,7 +615,7 @@ def main(argv) -> int:
     if max(lengths) > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {max(lengths)} exceeds the model's {model.config.max_position_embeddings} positions")
     output = Path(args.output or default_output_name(ckpt.source, tasks, args.rotation, args.seed, lengths,
-                                                     args.compress, args.norm))
+                                                     args.compress, args.norm, args.shapes))
     check_output(output, ckpt.input_paths() + [args.tokenizer], args.force)
     transformers_model = reference_model(ckpt, model.task) if auto else None   # an input error: before any progress
     steps.done()

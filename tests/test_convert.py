@@ -160,6 +160,10 @@ def test_default_output_name_is_deterministic():
     assert convert.default_output_name("answerdotai/ModernBERT-base", ["fill-mask"], "auto", 0, [512]) == \
         "ModernBERT-base-fill-mask-auto-512.mlpackage"
     assert convert.default_output_name("m", ["encoder"], "none", 3, [64], norm="l2eps") == "m-encoder-none-l2eps-64.mlpackage"
+    assert convert.default_output_name("m", ["fill-mask"], "auto", 0, [128, 512], shapes="functions") == \
+        "m-fill-mask-auto-functions-128-512.mlpackage"
+    assert convert.default_output_name("m", ["fill-mask"], "auto", 0, [512], shapes="functions") == \
+        "m-fill-mask-auto-512.mlpackage"                             # one length: the same package either way
 
 
 def test_existing_output_is_kept_without_force(checkpoint_factory, tmp_path, capsys):
