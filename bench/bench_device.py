@@ -28,6 +28,7 @@ from mlpackage import (COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS, PackageRunner, comp
                        format_placement, input_lengths, package_inputs, per_op_flops, placement_summary, read_metadata)
 from user_errors import UserError, run_cli  # noqa: E402
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("package", help="an .mlpackage written by convert.py")
