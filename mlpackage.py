@@ -174,7 +174,10 @@ def read_metadata(path, function: str | None = None) -> dict:
         raise PackageError(f"{path} has no task for function '{function}' in its metadata")
     meta = check_metadata(meta, path)
     meta["function"], meta["function_names"] = function, function_names(spec)
-    meta["length_functions"] = length_functions(spec, function, path)
+    try:
+        meta["length_functions"] = length_functions(spec, function, path)
+    except PackageError:            # no input_ids: input_lengths() says so where the lengths are needed
+        meta["length_functions"] = {}
     return meta
 
 
