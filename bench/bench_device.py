@@ -6,29 +6,27 @@
 For each compute-unit setting: the first load (MLModel: compile, then load; what every load costs without
 the cache) and the cached load (CompiledMLModel on the compiled copy in the cache, mlpackage.load_coreml);
 per sequence length, `--warmup` untimed predictions then `--runs` timed ones (median, min, max), and the
-throughput from the package's own FLOP count (package_cost.py: the metadata's `cost`, or counted now);
+throughput from the package's own FLOP count (coreml/cost.py: the metadata's `cost`, or counted now);
 then Core ML's compute plan (MLComputePlan, macOS 14.4+): the share of ops and of FLOPs it places on the
-Neural Engine, and every op that falls back, grouped by type. macOS only: elsewhere it says so in one line.
+Neural Engine, and every op that falls back, grouped by type (of the function that runs the largest length: a
+`--shapes functions` package has one per length). macOS only: elsewhere it says so in one line.
 
-The aggregation and formatting below take plain data (lists of dicts), so they are tested on Linux
-(tests/test_bench_device.py) with fabricated records; only `measure_*` call Core ML.
+The aggregation and formatting take plain data (lists of dicts), so they are tested on Linux
+(tests/test_bench_device.py) with fabricated records; only `measure_*` call Core ML. The placement's aggregation
+and wording are coreml/package.py's (placement_summary, format_placement), shared with diff_coreml.py's report.
 """
 import argparse
-import json
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from modernbert_ane.coreml.package import (COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS, PackageRunner, compute_plan_records, input_lengths,  # noqa: E402
-                       package_inputs, read_metadata)
+from modernbert_ane.coreml.package import (COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS, PackageRunner, compute_plan_records,  # noqa: E402
+                       format_placement, input_lengths, package_inputs, per_op_flops, placement_summary, read_metadata)
 from modernbert_ane.user_errors import UserError, run_cli  # noqa: E402
-
-NEURAL_ENGINE = "neural_engine"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,35 +59,6 @@ def tflops(flops: int | None, median_ms: float) -> float | None:
     return None if not flops or median_ms <= 0 else flops / (median_ms * 1e-3) / 1e12
 
 
-def placement_summary(records: list[dict], op_flops: dict[str, int]) -> dict:
-    """Aggregate compute-plan records (mlpackage.compute_plan_records) with per-op FLOPs (first output name ->
-    FLOPs, package_cost.op_costs): the share of ops and of FLOPs on the Neural Engine, ops per device, and
-    every op placed elsewhere grouped by type (count, FLOPs, devices, up to 3 op names)."""
-    devices, fallbacks = defaultdict(int), {}
-    total_flops = sum(op_flops.get(r["name"], 0) for r in records)
-    ne_ops = ne_flops = 0
-    for r in records:
-        device, flops = r["device"] or "unknown", op_flops.get(r["name"], 0)
-        devices[device] += 1
-        if device == NEURAL_ENGINE:
-            ne_ops, ne_flops = ne_ops + 1, ne_flops + flops
-            continue
-        group = fallbacks.setdefault(r["op_type"], {"count": 0, "flops": 0, "devices": {}, "examples": []})
-        group["count"] += 1
-        group["flops"] += flops
-        group["devices"][device] = group["devices"].get(device, 0) + 1
-        if len(group["examples"]) < 3:
-            group["examples"].append(r["name"])
-    return {"ops": len(records), "ops_by_device": dict(sorted(devices.items())),
-            "neural_engine_op_share": ne_ops / len(records) if records else None,
-            "neural_engine_flop_share": ne_flops / total_flops if total_flops else None,
-            "fallbacks": dict(sorted(fallbacks.items(), key=lambda kv: (-kv[1]["count"], kv[0])))}
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f} %"
-
-
 def format_latency(rows: list[dict]) -> str:
     """A Markdown table of the latency rows (compute_units, length, median/min/max ms, TFLOP/s)."""
     lines = ["| compute units | length | median | min | max | TFLOP/s |", "|---|---|---|---|---|---|"]
@@ -106,18 +75,10 @@ def format_loads(loads: dict) -> str:
                      f"{l['cached_load_s']:.2f} s" for units, l in loads.items())
 
 
-def format_placement(units: str, summary: dict) -> str:
-    """The placement summary in words: shares, then each fallback type."""
-    devices = ", ".join(f"{d} {n}" for d, n in summary["ops_by_device"].items())
-    lines = [f"{units}: {summary['ops']} ops ({devices}); on the Neural Engine: "
-             f"{_pct(summary['neural_engine_op_share'])} of ops, {_pct(summary['neural_engine_flop_share'])} of FLOPs"]
-    if not summary["fallbacks"]:
-        lines.append("  every op on the Neural Engine")
-    for op_type, g in summary["fallbacks"].items():
-        where = ", ".join(f"{d} {n}" for d, n in sorted(g["devices"].items()))
-        lines.append(f"  off the Neural Engine: {op_type} x{g['count']} ({where}; {g['flops'] / 1e9:.3g} GFLOP), "
-                     f"e.g. {', '.join(g['examples'])}")
-    return "\n".join(lines)
+def format_results(doc: dict) -> str:
+    """What the benchmark prints: the loads, the latency table, the placement of each compute-unit setting."""
+    return "\n".join([format_loads(doc["loads"]), format_latency(doc["latency"]),
+                      *(format_placement(units, summary) for units, summary in doc["placement"].items())])
 
 
 # ----------------------------------------------------------------------------- Core ML (macOS)
@@ -146,28 +107,23 @@ def measure_loads(package, units: str, function: str | None) -> tuple[dict, Pack
             "compiled_path": cached.load_report["compiled_path"]}, cached
 
 
-def flop_counts(package, function: str | None, meta: dict, lengths: list[int]) -> dict[int, int]:
-    """length -> FLOPs: the metadata's counts, the rest counted now (package_cost.py)."""
+def flop_counts(package, meta: dict, lengths: list[int]) -> dict[int, int]:
+    """length -> FLOPs: the metadata's counts, the rest counted now (coreml/cost.py) on the function that runs
+    each length (meta["length_functions"], mlpackage.read_metadata)."""
     stored = meta.get("cost") or {}
     counts = {n: stored[str(n)]["flops"] for n in lengths if str(n) in stored}
-    missing = [n for n in lengths if n not in counts]
-    if missing:
+    if len(counts) < len(lengths):
         from modernbert_ane.coreml.cost import package_costs
-        counts.update({n: s["flops"] for n, s in package_costs(package, function, missing).items()})
+        for n in [n for n in lengths if n not in counts]:
+            counts.update({n: s["flops"] for n, s in package_costs(package, meta["length_functions"][n], [n]).items()})
     return counts
-
-
-def per_op_flops(package, function: str | None, length: int) -> dict[str, int]:
-    from modernbert_ane.coreml.cost import Program, op_costs
-    program = Program(package, function)
-    return {c.name: c.flops for c in op_costs(program, length)}
 
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
     if sys.platform != "darwin":
         raise UserError("bench_device.py needs macOS (Core ML runs only there); on this OS, convert.py's readiness "
-                        "summary and package_cost.py give the FLOP and byte counts")
+                        "summary and coreml/cost.py give the FLOP and byte counts")
     if args.runs < 1 or args.warmup < 0:
         raise UserError("--runs must be at least 1 and --warmup at least 0")
     from modernbert_ane.cli import check_output_path, write_json
@@ -178,7 +134,8 @@ def main(argv) -> int:
     unknown = [n for n in lengths if n not in available]
     if unknown:
         raise UserError(f"{args.package} has no length {unknown[0]} (it has {', '.join(map(str, available))})")
-    flops = flop_counts(args.package, meta["function"], meta, lengths)
+    flops = flop_counts(args.package, meta, lengths)
+    placed = meta["length_functions"][max(lengths)]          # the function whose placement is read
     doc = {"package": str(args.package), "function": meta["function"], "lengths": lengths, "flops": flops,
            "loads": {}, "latency": [], "placement": {}}
     for units in args.compute_units:
@@ -190,16 +147,12 @@ def main(argv) -> int:
                                    "tflops": tflops(flops[n], stats["median_ms"])})
         if not args.no_placement:
             try:
-                records = compute_plan_records(doc["loads"][units]["compiled_path"], units, meta["function"])
+                records = compute_plan_records(doc["loads"][units]["compiled_path"], units, placed)
             except ValueError as e:                    # coremltools: "MLComputePlan is not supported" before 14.4
                 print(f"{units}: no op placement ({e}; MLComputePlan needs macOS 14.4+)", file=sys.stderr)
                 continue
-            doc["placement"][units] = placement_summary(records, per_op_flops(args.package, meta["function"],
-                                                                              lengths[-1]))
-    print(format_loads(doc["loads"]))
-    print(format_latency(doc["latency"]))
-    for units, summary in doc["placement"].items():
-        print(format_placement(units, summary))
+            doc["placement"][units] = placement_summary(records, per_op_flops(args.package, placed, max(lengths)))
+    print(format_results(doc))
     if args.json:
         write_json(args.json, doc)
     return 0

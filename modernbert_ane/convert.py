@@ -6,7 +6,8 @@
 Inputs: input_ids (1, S) int32 and attention_mask (1, S) int32 (1 = token, 0 = padding); every mask
 is built inside the graph. The float16 strategy (rotation and norm form) is chosen by measurement unless
 forced (--rotation auto, rotations/strategy.py). Several --seq-len values give one package accepting each of them
-(enumerated shapes, the flexible-shape kind the Neural Engine runs). After saving, the package is
+(enumerated shapes, the flexible-shape kind the Neural Engine runs), or with --shapes functions one function
+per length, sharing the weights, which predict.py picks by the input's length. After saving, the package is
 run by the float16 emulator (or Core ML on macOS) and compared with the float32 model: below the
 threshold the conversion fails and nothing is written.
 """
@@ -46,6 +47,7 @@ MASK_DESCRIPTION = {False: "1 for a token, 0 for padding, int32",
 # inputs, multi-function packages, per-grouped-channel palettes. Without them: one length, one task, int8.
 TARGETS = {"macOS15": ("macOS15", True), "iOS18": ("iOS18", True), "macOS14": ("macOS14", False),
            "iOS17": ("iOS17", False)}
+SHAPES = ("enumerated", "functions")
 COMPRESS_MODES = ("none", "int8", "palettize4", "palettize6", "palettize8")
 PALETTE_GROUP = 32              # output channels sharing one palette (per-grouped-channel: iOS 18 / macOS 15)
 CHECK_MIN_TOP1 = 0.9            # of the package against this model in float32, on the check texts
@@ -57,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_checkpoint(p)
     p.add_argument("--seq-len", type=int, nargs="+", default=[512], metavar="N",
                    help="sequence length(s) the package accepts (default 512)")
+    p.add_argument("--shapes", choices=SHAPES, default="enumerated",
+                   help="several --seq-len: enumerated (default: one function accepting each length, "
+                        "ct.EnumeratedShapes) or functions (one fixed-shape function per length, named "
+                        "fill_mask_128, fill_mask_512, ..., the weights stored once; predict.py picks the "
+                        "smallest length that fits)")
     cli.add_task(p, several=True)
     cli.add_strategy(p, ("auto",) + ROTATION_KINDS, default="auto", norms=NORM_KINDS)
     p.add_argument("--deployment-target", choices=sorted(TARGETS), default="macOS15",
@@ -81,14 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_output_name(source: str, tasks: list[str], rotation: str, seed: int, lengths: list[int],
-                        compress: str = "none", norm: str | None = None) -> str:
+                        compress: str = "none", norm: str | None = None, shapes: str = "enumerated") -> str:
     """Named from the options, never from a measurement (known before any work, the same on every run):
-    --rotation auto names "auto"; --norm appears only when given."""
+    --rotation auto names "auto"; --norm appears only when given; --shapes functions (several lengths) as
+    "functions" before the lengths."""
     slug = re.sub(r"[^\w.-]+", "-", Path(source.rstrip("/")).name) or "model"
     seed_part = f"-seed{seed}" if rotation in SEEDED_KINDS + ("auto",) and seed else ""
     norm_part = f"-{norm}" if norm else ""
     compress_part = "" if compress == "none" else f"-{compress}"
-    return (f"{slug}-{'+'.join(tasks)}-{rotation}{seed_part}{norm_part}{compress_part}-"
+    shapes_part = "-functions" if shapes == "functions" and len(lengths) > 1 else ""
+    return (f"{slug}-{'+'.join(tasks)}-{rotation}{seed_part}{norm_part}{compress_part}{shapes_part}-"
             f"{'-'.join(map(str, lengths))}.mlpackage")
 
 
@@ -98,8 +107,31 @@ def function_name(task: str) -> str:
 
 
 def package_function(task: str, n_tasks: int) -> str | None:
-    """The function to address a task by in a package of `n_tasks` tasks: None (the only one) for one task."""
+    """The function to address a task by in a package of `n_tasks` tasks: None (the only one) for one task.
+    In a --shapes functions package this names the task's head, whose functions run one length each."""
     return function_name(task) if n_tasks > 1 else None
+
+
+def length_groups(lengths: list[int], shapes: str) -> list[list[int]]:
+    """The lengths each function of a task accepts: all of them in one (enumerated shapes), or one each."""
+    return [[n] for n in lengths] if shapes == "functions" else [lengths]
+
+
+def package_layout(tasks: list[str], lengths: list[int], shapes: str) -> dict:
+    """function name -> (task, the lengths it accepts), tasks in the given order, lengths ascending; the name is
+    None for a package of one function ("main"). Enumerated shapes or one length keep the names they always
+    had (main, or fill_mask, embed, ...); --shapes functions with several lengths: fill_mask_128, fill_mask_512."""
+    groups = length_groups(lengths, shapes)
+    if len(tasks) == 1 and len(groups) == 1:
+        return {None: (tasks[0], lengths)}
+    return {function_name(task) + (f"_{group[0]}" if len(groups) > 1 else ""): (task, group)
+            for task in tasks for group in groups}
+
+
+def default_function(layout: dict) -> str | None:
+    """The package's default function: the first task at its largest length (the shape every input fits)."""
+    first_task = next(iter(layout.values()))[0]
+    return max((name for name, (task, _) in layout.items() if task == first_task), key=lambda n: layout[n][1][-1])
 
 
 def validate(args) -> list[int]:
@@ -118,7 +150,9 @@ def validate(args) -> list[int]:
     if len(lengths) > 128:
         raise UserError("at most 128 sequence lengths fit in one package (Core ML's enumerated-shapes limit)")
     if len(lengths) > 1 and not recent:
-        raise UserError(f"several --seq-len values need enumerated shapes on two inputs, which need "
+        need = ("a function per length (a multi-function package)" if args.shapes == "functions"
+                else "enumerated shapes on two inputs")
+        raise UserError(f"several --seq-len values need {need}, which need "
                         f"--deployment-target macOS15 or iOS18 (not {args.deployment_target})")
     if args.query_chunk is not None and (args.query_chunk < 1 or len(lengths) > 1):
         raise UserError("--query-chunk needs a positive size and a single --seq-len")
@@ -331,40 +365,47 @@ def task_metadata(model: ModernBert, ckpt) -> dict:
             "normalized": model.sentence_head.normalize if task == "embed" else None}
 
 
-def package_metadata(models: dict, ckpt, tokenizer, tokenizer_source: str, args, lengths, costs: dict,
-                     strategy: dict | None = None) -> dict:
-    """The package's metadata; a multi-function package keeps the per-task part under "functions".
-    costs: task -> package_cost.package_costs() of its function. `strategy`: how --rotation auto chose (the
-    candidates' measurements), None when forced."""
+def package_metadata(models: dict, layout: dict, ckpt, tokenizer, tokenizer_source: str, args, lengths,
+                     costs: dict, strategy: dict | None = None) -> dict:
+    """The package's metadata; a multi-function package keeps the per-function part under "functions" (with
+    --shapes functions also the function's "head", the task's name every length answers to, and its
+    "seq_lengths"). layout: package_layout(). costs: function name -> package_cost.package_costs() of it.
+    `strategy`: how --rotation auto chose (the candidates' measurements), None when forced."""
     first = next(iter(models.values()))
     cfg = first.config
     meta = {"source": ckpt.source, "revision": ckpt.revision, "tokenizer": tokenizer_source,
             "rotation": args.rotation, "rotation_seed": args.seed if args.rotation in SEEDED_KINDS else None,
             "norm": args.norm, "strategy": strategy,
-            "seq_lengths": lengths, "version": PROJECT_VERSION, "hidden_size": cfg.hidden_size,
+            "seq_lengths": lengths, "shapes": args.shapes, "version": PROJECT_VERSION, "hidden_size": cfg.hidden_size,
             "vocab_size": cfg.vocab_size, "deployment_target": args.deployment_target, "compute_units": "CPU_AND_NE",
             "compress": args.compress, "local_attention": "blockwise" if first.blockwise else "masked",
             "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
             "sep_token_id": tokenizer.sep_token_id, "mask_token_id": tokenizer.mask_token_id,
             "max_texts": first.max_texts, "prompts": read_prompts(ckpt.root)}
-    per_task = {task: {**task_metadata(model, ckpt), "cost": metadata_entry(costs[task])} for task, model in models.items()}
-    if len(models) == 1:
-        return {**meta, **per_task[next(iter(models))]}
-    return {**meta, "functions": {function_name(task): per_task[task] for task in models}}
+    per_task = {task: task_metadata(model, ckpt) for task, model in models.items()}
+    if len(layout) == 1:
+        return {**meta, **per_task[first.task], "cost": metadata_entry(costs[None])}
+    functions = {}
+    for name, (task, group) in layout.items():
+        functions[name] = {**per_task[task], "cost": metadata_entry(costs[name])}
+        if len(group) < len(lengths):                   # --shapes functions: one of the head's lengths
+            functions[name].update(head=function_name(task), seq_lengths=group)
+    return {**meta, "functions": functions}
 
 
-def describe_package(package: Path, models: dict, metadata: dict, ckpt, args, lengths) -> None:
+def describe_package(package: Path, models: dict, layout: dict, metadata: dict, ckpt, args, lengths) -> None:
     """Write the descriptions Xcode shows and our metadata into the saved package's spec."""
     spec = package_spec(package)
     tasks = ", ".join(models)
     spec.description.metadata.author = "modernbert-ane convert.py"
     spec.description.metadata.shortDescription = (
         f"ModernBERT {tasks} ({ckpt.source}), float16, rotation {args.rotation}, norm {args.norm}, "
-        f"sequence lengths {', '.join(map(str, lengths))}")
+        f"sequence lengths {', '.join(map(str, lengths))}" + (" (a function each)" if args.shapes == "functions"
+                                                               and len(lengths) > 1 else ""))
     spec.description.metadata.versionString = PROJECT_VERSION
     write_metadata(spec, metadata)
-    for task, model in models.items():
-        function = function_description(spec, package_function(task, len(models)), package)
+    for name, (task, _) in layout.items():
+        model, function = models[task], function_description(spec, name, package)
         for feature in function.input:
             feature.shortDescription = (MASK_DESCRIPTION[model.max_texts > 1] if feature.name == "attention_mask"
                                         else "token ids from the model's tokenizer ([CLS] ... [SEP], then [PAD]), int32")
@@ -448,14 +489,14 @@ def check_package(package: Path, model: ModernBert, tokenizer, lengths: list[int
     return runner.backend, lines
 
 
-def combine_functions(parts: dict[str, Path], package: Path) -> None:
-    """One multi-function package from single-function ones, the first the default. coremltools stores a
-    weight that several functions share once, so a second head costs only its own weights."""
+def combine_functions(parts: dict[str, Path], package: Path, default: str) -> None:
+    """One multi-function package from single-function ones (function name -> package). coremltools stores a
+    weight that several functions share once, so a second head, or a second length, costs only its own weights."""
     ct = import_coremltools()
     descriptor = ct.utils.MultiFunctionDescriptor()
-    for task, part in parts.items():
-        descriptor.add_function(str(part), "main", function_name(task))
-    descriptor.default_function_name = function_name(next(iter(parts)))
+    for name, part in parts.items():
+        descriptor.add_function(str(part), "main", name)
+    descriptor.default_function_name = default
     ct.utils.save_multifunction(descriptor, str(package))
 
 
@@ -469,7 +510,9 @@ def quiet_conversion() -> None:
 
 
 def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: float, steps, label: str):
-    """Rotate, trace and convert one task's model; the ML Program (weights compressed if asked)."""
+    """Rotate, trace and convert one task's model: yields an ML Program (weights compressed if asked) per
+    group of length_groups(lengths, args.shapes), in order (one for enumerated shapes, one per length for
+    --shapes functions: every function traced at its own length, from the same rotated weights)."""
     if args.rotation != "none" or args.measured:       # --rotation auto counted this step before choosing
         steps.start(f"{label}rotating ({args.rotation}" + (f", seed {args.seed})" if args.rotation in SEEDED_KINDS
                                                            else ")"))
@@ -478,18 +521,23 @@ def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: fl
     model.set_norm(args.norm)
     if args.query_chunk:
         model.set_query_chunk(args.query_chunk)
+    # one kind for every length, so that each function of a --shapes functions package is the same graph as
+    # the enumerated package's at that length
     model.set_local_attention(local_attention_kind(args.local_attention, model.config, lengths))
-    steps.start(f"{label}tracing at {lengths[-1]} tokens")
-    traced = trace(model, lengths[-1])
-    steps.done()
-    steps.start(f"{label}converting to an ML Program (float16" + (f", {args.compress})" if args.compress != "none"
-                                                                 else ")"))
-    mlmodel = to_mlprogram(traced, model.task, lengths, args.deployment_target)
-    del traced
-    if args.compress != "none":
-        mlmodel = compress_weights(mlmodel, model, args.compress, embedding_gain)
-    steps.done()
-    return mlmodel
+    for group in length_groups(lengths, args.shapes):
+        steps.start(f"{label}tracing at {group[-1]} tokens")
+        traced = trace(model, group[-1])
+        steps.done()
+        steps.start(f"{label}converting to an ML Program (float16" + (f", {args.compress}" if args.compress != "none"
+                                                                     else "") + (f", {group[0]} tokens)"
+                                                                                 if len(group) < len(lengths) else ")"))
+        mlmodel = to_mlprogram(traced, model.task, group, args.deployment_target)
+        del traced
+        if args.compress != "none":
+            mlmodel = compress_weights(mlmodel, model, args.compress, embedding_gain)
+        steps.done()
+        yield mlmodel
+        del mlmodel
 
 
 def main(argv) -> int:
@@ -505,7 +553,8 @@ def convert_checkpoint(args) -> Path:
         check_output(Path(args.output), [args.model, args.tokenizer], args.force)
     n_tasks = len(args.task or [None])
     auto = args.rotation == "auto"
-    steps = cli.Progress(1 + auto + n_tasks * (3 - (args.rotation == "none")) + 1 + (not args.skip_check))   # auto: rotating counted
+    n_groups = len(length_groups(lengths, args.shapes))
+    steps = cli.Progress(1 + auto + n_tasks * ((args.rotation != "none") + 2 * n_groups) + 1 + (not args.skip_check))   # auto: rotating counted
     steps.start(f"loading {args.model}", announce="done")             # the input is checked here
     ckpt = resolve_checkpoint(args.model, args.revision, args.allow_pickle)
     check_rotation(args.rotation, ckpt.config)                        # before the weights are loaded
@@ -517,7 +566,7 @@ def convert_checkpoint(args) -> Path:
     if max(lengths) > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {max(lengths)} exceeds the model's {model.config.max_position_embeddings} positions")
     output = Path(args.output or default_output_name(ckpt.source, tasks, args.rotation, args.seed, lengths,
-                                                     args.compress, args.norm))
+                                                     args.compress, args.norm, args.shapes))
     check_output(output, ckpt.input_paths() + [args.tokenizer], args.force)
     transformers_model = reference_model(ckpt, model.task) if auto else None   # an input error: before any progress
     steps.done()
@@ -540,25 +589,32 @@ def convert_checkpoint(args) -> Path:
                           f"chosen: rotation {args.rotation}, norm {args.norm}"]
     args.norm, args.measured = args.norm or "safe", auto
     models, readiness, check_lines = {}, Readiness(), []
+    layout = package_layout(tasks, lengths, args.shapes)
     with staging_folder(output) as staging, writing(output):          # a full disk: one line
         parts = {}
         for task in tasks:
             if task != tasks[0]:
                 model = ModernBert.from_checkpoint(ckpt, task, args.max_texts)
-            mlmodel = convert_task(model, args, lengths, embedding_gain, steps, f"{task}: " if n_tasks > 1 else "")
-            readiness.add_ops(mlmodel._mil_program.functions["main"].operations)
-            parts[task], models[task] = staging / f"{function_name(task)}.mlpackage", model
-            mlmodel.save(str(parts[task]))
-            del mlmodel
+            names = [name for name, (of, _) in layout.items() if of == task]
+            for name, mlmodel in zip(names, convert_task(model, args, lengths, embedding_gain, steps,
+                                                         f"{task}: " if n_tasks > 1 else "")):
+                readiness.add_ops(mlmodel._mil_program.functions["main"].operations)
+                parts[name] = staging / f"{name or 'main'}.mlpackage"
+                mlmodel.save(str(parts[name]))
+                del mlmodel
+            models[task] = model
         steps.start(f"saving {output}")
         package = staging / output.name
-        if n_tasks == 1:
-            os.replace(parts[tasks[0]], package)
+        if len(layout) == 1:
+            os.replace(parts[None], package)
         else:
-            combine_functions(parts, package)
-        costs = {task: package_costs(package, package_function(task, n_tasks)) for task in tasks}
-        describe_package(package, models, package_metadata(models, ckpt, tokenizer, tokenizer_source, args, lengths,
-                                                           costs, strategy), ckpt, args, lengths)
+            combine_functions(parts, package, default_function(layout))
+        function_costs = {name: package_costs(package, name) for name in layout}
+        costs = {task: {n: summary for name, (of, _) in layout.items() if of == task
+                        for n, summary in function_costs[name].items()} for task in tasks}
+        describe_package(package, models, layout, package_metadata(models, layout, ckpt, tokenizer, tokenizer_source,
+                                                                   args, lengths, function_costs, strategy),
+                         ckpt, args, lengths)
         make_deterministic(package)
         steps.done()
         if not args.skip_check:

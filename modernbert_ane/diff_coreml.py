@@ -7,8 +7,10 @@ Each text is padded to the smallest length the package accepts (longer ones are 
 largest) and run through Core ML on the Neural Engine (macOS) or the float16 emulator (elsewhere).
 Reports the same metrics and JSON keys as diff_torch.py (per token for the per-token tasks; a package's
 pooled output has one row per text). --report DIR writes a page with plots (report.py): the package's
-largest value per layer against model.py unrotated, and KL per token, one panel per text.
+largest value per layer against model.py unrotated, and KL per token, one panel per text; and where Core ML
+runs the ops when a compute plan is at hand (Core ML on macOS 14.4+, or --placement JSON on any OS).
 """
+import json
 import argparse
 import re
 import shlex
@@ -22,8 +24,9 @@ from modernbert_ane.checkpoint import CheckpointError, resolve_checkpoint
 from modernbert_ane.evaluation import (EVAL_TEXTS, Accounting, check_gates, format_accounting, format_gates,
                         format_metrics, format_table, gate_exit, gate_results, load_tokenizer, output_measure,
                         reference_model, reference_outputs, residual_peaks, tokenize, valid_rows)
-from modernbert_ane.coreml.package import (PackageRunner, check_token_ids, input_lengths, read_metadata,
-                       resolve_backend, tokenizer_revision)
+from modernbert_ane.coreml.package import (PackageRunner, check_token_ids, compute_plan_records, format_placement,
+                                           input_lengths, per_op_flops, placement_summary, read_metadata,
+                                           resolve_backend, tokenizer_revision)
 from modernbert_ane.model import FLOAT16_MAX, MASK_FILL, ActivationProbe, ModernBert, ModernBertConfig
 from modernbert_ane.tasks import POOLED_TASKS
 from modernbert_ane.report import write_report
@@ -39,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_backend(p)
     p.add_argument("--pessimistic", action="store_true",
                    help="emulator: also round the internal steps of norms, reductions and softmax to float16")
+    p.add_argument("--placement", metavar="JSON",
+                   help="where Core ML runs the ops, for the report and the JSON: bench/bench_device.py's --json, or "
+                        "compute-plan records (coreml/package.py's compute_plan_records: a list, or "
+                        "{\"compute_units\": ..., \"records\": [...]}) saved on a Mac; with Core ML on macOS 14.4+ it "
+                        "is read from the compiled model instead")
     cli.add_report_outputs(p, "the largest value per layer against model.py unrotated, KL per token, the metrics")
     return p
 
@@ -122,7 +130,8 @@ def check_model_matches(meta: dict, config: ModernBertConfig, source: str, packa
                             f"{meta[key]} in the package")
 
 
-def write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics, accounting, tokens, gates) -> None:
+def write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics, accounting, tokens, gates,
+                         placement=None, placement_source=None) -> None:
     """The --report page: the package's per-op peaks per layer (emulator only) against model.py unrotated."""
     task, rotation = meta["task"], meta.get("rotation") or "none"
     n_layers = ModernBertConfig.from_dict(ckpt.config).num_hidden_layers
@@ -141,24 +150,87 @@ def write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics,
              "rotation": rotation if rotation == "none" else f"{rotation} (seed {meta.get('rotation_seed')})",
              "weights": meta.get("compress"), "backend": backend, "reference": "transformers, float32",
              "texts": f"{len(EVAL_TEXTS)} evaluation texts, {tokens} tokens, each padded to a package length",
+             "op placement": placement_source,
              "command": shlex.join(["python", "diff_coreml.py", *argv])}
     write_report(args.report, title=f"diff_coreml: {args.package} ({task}, rotation {rotation}), {backend}, "
                                     f"against transformers float32",
                  facts={k: v for k, v in facts.items() if v is not None}, metrics=metrics, peaks=peaks,
                  n_layers=n_layers, texts=accounting.panels(), measure=accounting.tokens.measure,
                  pooled=task in POOLED_TASKS, output_measure=accounting.measure, gates=gates, notes=notes,
-                 force=args.force)
+                 placement=placement, force=args.force)
+
+
+RECORD_KEYS = ("name", "op_type", "device")
+
+
+def read_placement(path: str) -> dict:
+    """--placement JSON: {"summaries": {units: placement_summary}} from bench_device.py's --json, or {"records":
+    {units: [records]}} from saved compute-plan records; a one-line error for anything else."""
+    try:
+        doc = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise UserError(f"cannot read --placement {path}: {e.strerror or e}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"--placement {path} is not JSON: {e}") from e
+    if isinstance(doc, dict) and isinstance(doc.get("placement"), dict) and doc["placement"]:
+        return {"summaries": doc["placement"]}                    # bench_device.py --json
+    units, records = "cpu-and-ne", doc
+    if isinstance(doc, dict) and "records" in doc:
+        units, records = doc.get("compute_units") or units, doc["records"]
+    if not (isinstance(units, str) and isinstance(records, list) and records and
+            all(isinstance(r, dict) and all(isinstance(r.get(k), (str, type(None))) for k in RECORD_KEYS)
+                and isinstance(r.get("name"), str) and isinstance(r.get("op_type"), str) for r in records)):
+        raise UserError(f"--placement {path} holds neither bench_device.py's --json (with placement) nor compute-plan "
+                        f"records (a list of {{\"name\", \"op_type\", \"device\"}})")
+    return {"records": {units: records}}
+
+
+def placement_summaries(args, meta: dict, runner: PackageRunner, lengths: list[int]) -> tuple[dict, str | None]:
+    """(compute units -> placement_summary, where it came from): from --placement, or from the compute plan of the
+    compiled model Core ML just loaded (macOS 14.4+), of the function that runs the largest length; ({}, None)
+    when there is none."""
+    function = meta["length_functions"][lengths[-1]]
+    if args.placement:
+        given = read_placement(args.placement)
+        if "summaries" in given:
+            return given["summaries"], f"{args.placement} (bench_device.py)"
+        flops = per_op_flops(args.package, function, lengths[-1])
+        return ({units: placement_summary(records, flops) for units, records in given["records"].items()},
+                f"{args.placement} (compute-plan records)")
+    compiled = (runner.load_report or {}).get("compiled_path")
+    if runner.backend != "coreml" or not compiled:                # the emulator, or --no-cache: no compiled copy
+        return {}, None
+    try:
+        records = compute_plan_records(compiled, args.compute_units, function)
+    except ValueError as e:                                       # coremltools: MLComputePlan needs macOS 14.4+
+        print(f"no op placement ({e})", file=sys.stderr)
+        return {}, None
+    return ({args.compute_units: placement_summary(records, per_op_flops(args.package, function, lengths[-1]))},
+            f"Core ML's compute plan of {compiled}")
+
+
+def running_line(package: str, backend: str, described: str) -> str:
+    """stderr's first progress line: 'running out.mlpackage with Core ML (all, loaded from the cache ...)'."""
+    return f"running {package} with {described if backend == 'coreml' else 'the ' + described}"
+
+
+def format_placement_section(placement: dict, source: str) -> str:
+    """The placement as diff_coreml.py prints it: where it came from, then each compute-unit setting's summary."""
+    return "\n".join([f"where Core ML runs the ops ({source})",
+                      *(format_placement(units, summary) for units, summary in placement.items())])
 
 
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
     resolve_backend(args.backend)                       # --backend coreml off macOS: refused before any work
-    cli.check_report_outputs(args, [args.package, args.model, args.tokenizer], "diff_coreml")
+    cli.check_report_outputs(args, [args.package, args.model, args.tokenizer, args.placement], "diff_coreml")
     meta = read_metadata(args.package, args.function)
     lengths = input_lengths(args.package, meta["function"])
     task = meta["task"]
     width = len(meta.get("labels") or []) if task in ("classify", "token-classify") else 0
     check_gates(output_measure(task, width), args.max_kl, args.max_score_error, f"the {task} output of {args.package}")
+    if args.placement:
+        read_placement(args.placement)                  # bad input: refused before any work
     runner = PackageRunner(args.package, args.backend, pessimistic=args.pessimistic, function=meta["function"],
                            compute_units=args.compute_units, use_cache=not args.no_cache)
     source = args.model or meta.get("source")
@@ -173,14 +245,14 @@ def main(argv) -> int:
                               f"pass --model with its folder") from e
     check_model_matches(meta, ModernBertConfig.from_dict(ckpt.config), source, args.package)
     tokenizer_source = args.tokenizer or (None if args.model else meta.get("tokenizer")) or ckpt.root
-    cli.check_report_outputs(args, [args.package, *ckpt.input_paths(), tokenizer_source], "diff_coreml")  # every input, now known
+    cli.check_report_outputs(args, [args.package, *ckpt.input_paths(), tokenizer_source, args.placement],
+                             "diff_coreml")                                       # every input, now known
     tokenizer = load_tokenizer(tokenizer_source,
                                revision=None if args.tokenizer or args.model else tokenizer_revision(meta))
     ref_model = reference_model(ckpt, task)
     check_token_ids([tokenizer(t)["input_ids"] for t in EVAL_TEXTS], meta.get("vocab_size"), args.package,
                     lambda i: f"evaluation text {i + 1}")                # another --tokenizer's ids: refused
-    backend_name = runner.describe() if runner.backend == "coreml" else "the float16 emulator"
-    print(f"running {args.package} with {backend_name}", file=sys.stderr)   # the input read: no more bad-input errors
+    print(running_line(args.package, runner.backend, runner.describe()), file=sys.stderr)   # input read: no more errors
     output_name = meta.get("output", "logits")
     watch = OverflowWatch(conv_weight_names(runner)) if runner.backend == "emulate" else None
     unrotated = ModernBert.from_checkpoint(ckpt, task) if args.report else None      # "before rotation"
@@ -229,15 +301,20 @@ def main(argv) -> int:
     print(format_accounting(metrics))
     if gates:
         print(format_gates(gates))
+    placement, placement_source = placement_summaries(args, meta, runner, lengths)
+    if placement:
+        print("\n" + format_placement_section(placement, placement_source))
     if args.json:
         cli.write_json(args.json, {**metrics, "package": str(args.package), "model": source,
                                "function": meta["function"], "task": task, "texts": rows,
-                               "largest_ops": watch.largest() if watch else [], "gates": gates},
+                               "largest_ops": watch.largest() if watch else [], "gates": gates,
+                               "placement": placement},
                    force=args.force, script="diff_coreml")
         print(f"\nwrote {args.json}")
     if args.report:
         tokens = sum(int(row["tokens"]) for row in rows)
-        write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics, accounting, tokens, gates)
+        write_package_report(args, argv, meta, ckpt, runner, watch, before, metrics, accounting, tokens, gates,
+                             placement, placement_source)
         print(f"\nwrote {Path(args.report) / 'index.html'}")
     return gate_exit(gates)
 

@@ -553,6 +553,12 @@ class Predictor:
         return [np.asarray(r["hidden_states"], dtype=np.float32) for r in self.run(texts, full=True)["results"]]
 
 
+def backend_line(described: str, texts: int, labels: int, predictions: int) -> str:
+    """stderr's line on what ran: 'backend: float16 emulator (2 texts in 1 prediction)'."""
+    ran = plural(texts, "text") + (f" and {plural(labels, 'label')}" if labels else "")
+    return f"backend: {described} ({ran} in {plural(predictions, 'prediction')})"
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.top_k < 1:
@@ -562,9 +568,8 @@ def main(argv) -> int:
     labels = parse_labels(args.labels, predictor.task)
     texts, pairs = split_pairs(read_texts(args), args.pair, predictor.task)
     doc = predictor.run(texts, pairs, args.prompt, labels, args.top_k, full=args.json)
-    ran = plural(len(texts), "text") + (f" and {plural(len(labels), 'label')}" if labels else "")
-    print(f"backend: {predictor.runner.describe()} "
-          f"({ran} in {plural(doc['predictions'], 'prediction')})", file=sys.stderr)
+    print(backend_line(predictor.runner.describe(), len(texts), len(labels or []), doc["predictions"]),
+          file=sys.stderr)
     if args.json:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
     else:

@@ -55,7 +55,8 @@ def check_report_folder(path: str | None, force: bool) -> None:
 
 def write_report(path: str, *, title: str, facts: dict, metrics: dict, peaks: dict[str, dict[str, float]],
                  n_layers: int, texts: list[dict], measure: str, pooled: bool, output_measure: str | None = None,
-                 gates: list[dict] = (), notes: list[str] = (), force: bool = False) -> None:
+                 gates: list[dict] = (), notes: list[str] = (), placement: dict | None = None,
+                 force: bool = False) -> None:
     """Write the report folder atomically (a temporary folder beside it, renamed into place).
 
     facts: what was compared, label -> value. peaks: series label -> {name: largest |value|}, names as
@@ -63,7 +64,8 @@ def write_report(path: str, *, title: str, facts: dict, metrics: dict, peaks: di
     text, "values" (one error per token, by `measure`: "kl", "cosine" (1 - cosine) or "score"), with "tokens"
     (strings) and "delimiter" (bools) when known; for pooled tasks "output" (the text's error by
     `output_measure`), and "values" only when the script measured the encoder per token. gates: evaluation's
-    gate_results, shown as pass/fail."""
+    gate_results, shown as pass/fail. placement: compute units -> mlpackage.placement_summary() of Core ML's
+    compute plan, shown as a section when given."""
     check_report_folder(path, force)
     folder = Path(path)
     layers = layer_labels(n_layers)
@@ -72,7 +74,7 @@ def write_report(path: str, *, title: str, facts: dict, metrics: dict, peaks: di
     images = {"activations": activations_png(layers, series),
               "disagreement": disagreement_png(texts, measure, pooled, output_measure)}
     page = render_page(title, facts, metrics, layers, series, images, texts, measure, pooled, output_measure,
-                       gates, notes)
+                       gates, notes, placement)
     with writing(path):                                   # a full disk: one line, and nothing left behind
         with staging_folder(folder) as staging:
             for key, png in images.items():
@@ -411,8 +413,37 @@ def scalar_metrics(metrics: dict) -> list[list]:
     return [[k, v] for k, v in metrics.items() if not isinstance(v, (dict, list)) and k not in shown_elsewhere]
 
 
+def percent(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f} %"
+
+
+def placement_html(placement: dict | None) -> list[str]:
+    """The compute plan's section: per compute-unit setting, the Neural Engine's share of ops and of FLOPs, the
+    ops per device, and the ops placed elsewhere grouped by type (mlpackage.placement_summary's fields)."""
+    if not placement:
+        return []
+    parts = ["<h2>Where Core ML runs the ops (compute plan)</h2>",
+             '<p class="note">From Core ML\'s compute plan (MLComputePlan, macOS 14.4+): the device it prefers for '
+             "each non-constant op. FLOPs are this project's count of each op (coreml/cost.py), matched by the op's "
+             "output name.</p>"]
+    for units, s in placement.items():
+        devices = ", ".join(f"{device} {n}" for device, n in s["ops_by_device"].items())
+        parts += [f"<h3>compute units {esc(units)}: {esc(percent(s['neural_engine_op_share']))} of ops, "
+                  f"{esc(percent(s['neural_engine_flop_share']))} of FLOPs on the Neural Engine</h3>",
+                  html_table(["ops", "on the Neural Engine: ops", "on the Neural Engine: FLOPs", "ops per device"],
+                             [[s["ops"], percent(s["neural_engine_op_share"]),
+                               percent(s["neural_engine_flop_share"]), devices]])]
+        if not s["fallbacks"]:
+            parts.append("<p>Every op runs on the Neural Engine.</p>")
+            continue
+        parts.append(html_table(["off the Neural Engine: op type", "ops", "devices", "GFLOP", "e.g."],
+                                [[op_type, g["count"], ", ".join(f"{d} {n}" for d, n in sorted(g["devices"].items())),
+                                  g["flops"] / 1e9, ", ".join(g["examples"])] for op_type, g in s["fallbacks"].items()]))
+    return parts
+
+
 def render_page(title, facts, metrics, layers, series, images, texts, measure, pooled, output_measure, gates,
-                notes) -> str:
+                notes, placement=None) -> str:
     peak_rows = [[layer, *(float(v[i]) for v in series.values())] for i, layer in enumerate(layers)]
     short, label = MEASURES[measure]
     if per_token(texts):
@@ -436,6 +467,7 @@ def render_page(title, facts, metrics, layers, series, images, texts, measure, p
         '<p class="note">Over the built-in evaluation texts: their non-padding tokens, or one row per text for '
         f'pooled tasks{"; KL in nats per token" if output_measure == "kl" else ""}.</p>',
         *split_html(metrics),
+        *placement_html(placement),
         "<h2>Largest activation per layer, before and after the rotation</h2>",
         figure_html(images["activations"], "largest absolute activation per layer", activations_caption(series)),
         "<details><summary>the values</summary>", html_table(["layer", *series], peak_rows), "</details>",

@@ -67,7 +67,7 @@ def test_format_latency_and_loads():
 
 def test_flop_counts_prefer_the_metadata():
     meta = {"cost": {"512": {"flops": 123}}}
-    assert bench_device.flop_counts("unused.mlpackage", None, meta, [512]) == {512: 123}
+    assert bench_device.flop_counts("unused.mlpackage", meta, [512]) == {512: 123}
 
 
 def test_arguments():
@@ -75,3 +75,24 @@ def test_arguments():
                                                    "--seq-len", "128", "512"])
     assert args.compute_units == ["all", "cpu-and-ne"] and args.seq_len == [128, 512] and args.runs == 20
     assert bench_device.build_parser().parse_args(["p.mlpackage"]).compute_units == ["cpu-and-ne"]
+    with pytest.raises(SystemExit) as e:
+        bench_device.build_parser().parse_args(["p.mlpackage", "--compute-units", "gpu"])
+    assert e.value.code == 2
+
+
+def test_readme_shows_what_the_formatting_functions_print():
+    """The README's "On a Mac" sample output is bench/mac_output_format.py's output, verbatim: the format the
+    scripts print (synthetic numbers), so it cannot drift from the code."""
+    import mac_output_format
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    begin, end = readme.index(mac_output_format.BEGIN), readme.index(mac_output_format.END)
+    assert readme[begin:end + len(mac_output_format.END)] == mac_output_format.sample()
+    sample = mac_output_format.sample()
+    assert "| cpu-and-ne | 512 | 40.00 ms | 36.00 ms | 60.00 ms | 2.00 |" in sample     # 8e10 FLOP in 40 ms
+    assert "on the Neural Engine: 62.5 % of ops, 90.0 % of FLOPs" in sample          # 5 of 8 ops, 9 of 10 GFLOP
+    assert "backend: Core ML (cpu-and-ne, loaded from the cache in 1.0 s (hash 0.1 s)) (1 text in 1 prediction)" in sample
+    doc = mac_output_format.bench_doc()
+    assert bench_device.format_results(doc).splitlines()[:3] == [
+        "cpu-and-ne: first load 10.00 s (compile + load), cached load 1.00 s",
+        "all: first load 10.00 s (compile + load), cached load 1.00 s",
+        "| compute units | length | median | min | max | TFLOP/s |"]

@@ -160,6 +160,10 @@ def test_default_output_name_is_deterministic():
     assert convert.default_output_name("answerdotai/ModernBERT-base", ["fill-mask"], "auto", 0, [512]) == \
         "ModernBERT-base-fill-mask-auto-512.mlpackage"
     assert convert.default_output_name("m", ["encoder"], "none", 3, [64], norm="l2eps") == "m-encoder-none-l2eps-64.mlpackage"
+    assert convert.default_output_name("m", ["fill-mask"], "auto", 0, [128, 512], shapes="functions") == \
+        "m-fill-mask-auto-functions-128-512.mlpackage"
+    assert convert.default_output_name("m", ["fill-mask"], "auto", 0, [512], shapes="functions") == \
+        "m-fill-mask-auto-512.mlpackage"                             # one length: the same package either way
 
 
 def test_existing_output_is_kept_without_force(checkpoint_factory, tmp_path, capsys):
@@ -340,6 +344,32 @@ def test_target_refuses_what_it_cannot_run(checkpoint_factory, tmp_path, capsys)
     code, err = run_convert([folder, "--seq-len", SHORT, "--compress", "int8", "--deployment-target", "macOS14",
                              "-o", out], capsys)                                   # int8 runs on macOS 14
     assert code == 0 and read_metadata(out)["deployment_target"] == "macOS14"
+
+
+def test_function_layout_names_and_default():
+    """--shapes functions names a function per (task, length); one length, or enumerated shapes, keep the names
+    packages always had; the default is the first task at its largest length. (Packages of this layout run
+    through predict.py in tests/test_predict.py::test_functions_package_runs_each_length_as_the_enumerated_one.)"""
+    layout = convert.package_layout(["fill-mask", "embed"], [128, 512], "functions")
+    assert layout == {"fill_mask_128": ("fill-mask", [128]), "fill_mask_512": ("fill-mask", [512]),
+                      "embed_128": ("embed", [128]), "embed_512": ("embed", [512])}
+    assert convert.default_function(layout) == "fill_mask_512"
+    assert convert.package_layout(["fill-mask"], [128, 512], "functions") == {
+        "fill_mask_128": ("fill-mask", [128]), "fill_mask_512": ("fill-mask", [512])}
+    for shapes in ("enumerated", "functions"):
+        assert convert.package_layout(["fill-mask"], [512], shapes) == {None: ("fill-mask", [512])}
+        assert convert.package_layout(["fill-mask", "embed"], [512], shapes) == {
+            "fill_mask": ("fill-mask", [512]), "embed": ("embed", [512])}
+    assert convert.package_layout(["fill-mask"], [128, 512], "enumerated") == {None: ("fill-mask", [128, 512])}
+    assert convert.default_function({None: ("fill-mask", [128, 512])}) is None
+    assert convert.build_parser().parse_args(["x"]).shapes == "enumerated"
+
+
+def test_functions_layout_needs_a_recent_target(checkpoint_factory, tmp_path, capsys):
+    code, err = run_convert([checkpoint_factory("tiny"), "--seq-len", SHORT, LONG, "--shapes", "functions",
+                             "--deployment-target", "macOS14", "-o", tmp_path / "old.mlpackage"], capsys)
+    assert code == 2 and "a function per length (a multi-function package), which need" in err, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_multi_function_package_stores_the_encoder_once(packages, checkpoint_factory):

@@ -1,4 +1,4 @@
-"""package_cost.py: FLOP and byte counts of saved packages against counts worked out by hand from the config."""
+"""coreml/cost.py: FLOP and byte counts of saved packages against counts worked out by hand from the config."""
 import pytest
 
 from modernbert_ane import convert

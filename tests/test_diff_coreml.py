@@ -65,6 +65,32 @@ def test_report_plots_the_package_per_layer(package, tmp_path, capsys):
     assert page.count('<p class="tokens">') == 9 and "one panel per text" in page and "Worst token: <b>“" in page
 
 
+def test_placement_records_from_a_mac_reach_the_json_and_the_report(package, tmp_path, capsys):
+    """--placement: compute-plan records saved on a Mac (here: the package's own ops, softmax placed on the CPU),
+    their FLOPs counted from the package at its largest length; or bench_device.py's --json; or a one-line error."""
+    from modernbert_ane.coreml.cost import Program, op_costs
+    costs = op_costs(Program(package), 128)
+    records = [{"name": c.name, "op_type": c.op_type, "device": "cpu" if c.op_type == "softmax" else "neural_engine"}
+               for c in costs]
+    (tmp_path / "plan.json").write_text(json.dumps({"compute_units": "all", "records": records}))
+    code, out, _ = run(diff_coreml.main, [package, "--backend", "emulate", "--placement", tmp_path / "plan.json",
+                                          "--json", tmp_path / "m.json", "--report", tmp_path / "r"], capsys)
+    assert code == 0
+    placed = json.loads((tmp_path / "m.json").read_text())["placement"]["all"]
+    softmax = [c for c in costs if c.op_type == "softmax"]
+    total = sum(c.flops for c in costs)
+    assert placed["fallbacks"]["softmax"]["count"] == len(softmax) == placed["ops_by_device"]["cpu"] > 0
+    assert placed["neural_engine_flop_share"] == pytest.approx(1 - sum(c.flops for c in softmax) / total)
+    assert f"all: {len(costs)} ops (cpu {len(softmax)}, neural_engine {len(costs) - len(softmax)})" in out
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "Where Core ML runs the ops" in page and "compute units all:" in page and "(compute-plan records)" in page
+    (tmp_path / "bench.json").write_text(json.dumps({"placement": {"cpu-and-ne": placed}}))     # bench_device's
+    assert diff_coreml.read_placement(str(tmp_path / "bench.json")) == {"summaries": {"cpu-and-ne": placed}}
+    (tmp_path / "bad.json").write_text(json.dumps({"records": [{"op": 1}]}))
+    code, out, err = run(diff_coreml.main, [package, "--placement", tmp_path / "bad.json"], capsys)
+    assert code == 2 and err.count("error:") == 1 and "neither bench_device.py's --json" in err and not out
+
+
 def program_ops(layer_convs=("attn_Wqkv", "attn_Wo", "mlp_Wi", "mlp_Wo"), rotated=True):
     """(op kind, peak, conv weight name or None) in run order, shaped like a converted 2-layer package."""
     ops = [("gather", 1, None), ("layer_norm", 30001, None)]

@@ -1,4 +1,4 @@
-"""mlpackage.py's Core ML path, on any OS: compute units, the compiled-model cache, the load logic (against a
+"""coreml/package.py's Core ML path, on any OS: compute units, the compiled-model cache, the load logic (against a
 recording stand-in for coremltools' macOS classes), --backend coreml off macOS, and the revision recorded in a
 package's metadata (predict.py, diff_coreml.py, tokenizer loading; checkpoint.py's pickle-only hub message)."""
 import json
@@ -138,6 +138,98 @@ def test_load_compiles_once_then_reuses_the_cache(tmp_path, monkeypatch):
     fake.calls.clear()
     assert mlpackage.load_coreml(package)[1]["cache"] == "miss"      # a changed package is compiled again
     assert fake.calls[0][0] == "compile"
+
+
+def functions_package(folder: Path) -> Path:
+    """A package laid out as `convert.py --shapes functions --seq-len 32 64` lays it out (a spec only, no program):
+    functions fill_mask_32 and fill_mask_64, the larger the default, and their heads in the metadata."""
+    import_coremltools()
+    from coremltools.proto import Model_pb2
+    spec = Model_pb2.Model()
+    spec.description.defaultFunctionName = "fill_mask_64"
+    functions = {}
+    for n in (32, 64):
+        function = spec.description.functions.add(name=f"fill_mask_{n}")
+        for name in ("input_ids", "attention_mask"):
+            feature = function.input.add(name=name)
+            feature.type.multiArrayType.shape.extend([1, n])
+        functions[f"fill_mask_{n}"] = {"task": "fill-mask", "output": "logits", "head": "fill_mask", "seq_lengths": [n]}
+    mlpackage.write_metadata(spec, {"shapes": "functions", "seq_lengths": [32, 64], "functions": functions})
+    make_package(folder)
+    (folder / "Manifest.json").write_text(json.dumps({"itemInfoEntries": {"A": {"path": "com.apple.CoreML/model.mlmodel"}},
+                                                      "rootModelIdentifier": "A"}))
+    mlpackage.save_spec(folder, spec)
+    return folder
+
+
+def test_core_ml_path_runs_the_function_of_the_inputs_length(tmp_path, monkeypatch):
+    """--shapes functions on macOS: PackageRunner loads each function of the head from the one compiled copy and
+    predicts with the one of the input's length (recorded through the stand-in for coremltools)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fake, predicted = RecordingCoreML(), []
+
+    class Loaded:
+        def __init__(self, path, compute_units, function_name):
+            self.function = function_name
+
+        def predict(self, inputs):
+            predicted.append((self.function, inputs["input_ids"].shape))
+            return {"logits": inputs["input_ids"][..., None].astype("float32")}
+
+    fake.models.CompiledMLModel = Loaded
+    monkeypatch.setattr(mlpackage, "import_coremltools", lambda: fake)
+    monkeypatch.setattr(mlpackage, "resolve_backend", lambda backend: "coreml")
+    package = functions_package(tmp_path / "f.mlpackage")
+    meta = mlpackage.read_metadata(package)
+    assert (meta["function"], meta["seq_lengths"]) == ("fill_mask", [32, 64])
+    assert meta["length_functions"] == {32: "fill_mask_32", 64: "fill_mask_64"}
+    runner = mlpackage.PackageRunner(package, "coreml", function=meta["function"], compute_units="cpu-only")
+    assert [c[0] for c in fake.calls] == ["compile"]                           # one compile for both functions
+    assert runner.load_report["cache"] == "miss" and sorted(runner._models) == ["fill_mask_32", "fill_mask_64"]
+    for n in (32, 64, 32):
+        runner.predict(mlpackage.package_inputs([[1, 2, 3]], n, 0))
+    assert predicted == [("fill_mask_32", (1, 32)), ("fill_mask_64", (1, 64)), ("fill_mask_32", (1, 32))]
+    with pytest.raises(UserError, match="takes no input of 48 tokens"):
+        runner.predict(mlpackage.package_inputs([[1, 2, 3]], 48, 0))
+    only = mlpackage.PackageRunner(package, "coreml", function="fill_mask_32")
+    assert list(only._models) == ["fill_mask_32"] and only.functions == {32: "fill_mask_32"}
+
+
+CORE_ML_NAMES = {"MLModel", "CompiledMLModel", "compile_model", "MLComputePlan"}   # coremltools' macOS-only paths
+CORE_ML_FUNCTIONS = {"compile_package", "load_coreml", "compute_plan_records"}
+
+
+def core_ml_uses(source: str) -> set[str]:
+    """The functions of a module that name one of coremltools' macOS-only classes or functions ('<module>' for
+    module level)."""
+    import ast
+    uses = set()
+
+    def visit(node, where):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            where = node.name
+        named = (node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else
+                 None)
+        imported = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+        if named in CORE_ML_NAMES or CORE_ML_NAMES & set(imported):
+            uses.add(where)
+        for child in ast.iter_child_nodes(node):
+            visit(child, where)
+
+    visit(ast.parse(source), "<module>")
+    return uses
+
+
+def test_every_core_ml_call_sits_behind_one_function():
+    """Compiling, loading and the compute plan each happen in one function of coreml/package.py; every script reaches
+    Core ML through them (PackageRunner, bench_device.py's measure_*), so Linux tests cover everything else."""
+    found = {}
+    for path in sorted(p for p in ROOT.rglob("*.py") if "tests" not in p.relative_to(ROOT).parts):
+        uses = core_ml_uses(path.read_text())
+        if uses:
+            found[path.relative_to(ROOT).as_posix()] = uses
+    assert found == {"modernbert_ane/coreml/package.py": CORE_ML_FUNCTIONS}
+    assert core_ml_uses("def f(ct):\n    return ct.models.MLModel('x')\n") == {"f"}          # the check can fail
 
 
 @NOT_MAC

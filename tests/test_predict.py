@@ -17,7 +17,7 @@ import torch
 
 from modernbert_ane import convert
 from modernbert_ane import predict
-from modernbert_ane.coreml.package import package_inputs
+from modernbert_ane.coreml.package import input_lengths, package_inputs, read_metadata
 from checkpoints import build_sentence_transformers
 from modernbert_ane.user_errors import UserError, run_cli
 
@@ -66,13 +66,13 @@ def tokenizer_of(folder):
 
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory, checkpoint_factory):
-    """packages(task, max_texts=3, seq_len=(32, 64)) -> (package, checkpoint folder), converted once.
-    task "fill-mask+encoder": a multi-function package of those tasks."""
+    """packages(task, max_texts=3, seq_len=(32, 64), shapes="enumerated") -> (package, checkpoint folder),
+    converted once. task "fill-mask+encoder": a multi-function package of those tasks."""
     built = {}
     root = tmp_path_factory.mktemp("packages")
 
-    def make(task, max_texts=3, seq_len=(32, 64)):
-        key = (task, max_texts, seq_len)
+    def make(task, max_texts=3, seq_len=(32, 64), shapes="enumerated"):
+        key = (task, max_texts, seq_len, shapes)
         if key not in built:
             if task == "embed":
                 folder = root / "st"
@@ -80,8 +80,9 @@ def packages(tmp_path_factory, checkpoint_factory):
                     build_sentence_transformers(folder, "tiny", "mean", 32, True)
             else:
                 folder = checkpoint_factory("tiny", task.split("+")[0])
-            output = root / f"{task}-{max_texts}-{'-'.join(map(str, seq_len))}.mlpackage"
-            argv = [str(folder), "--task", *task.split("+"), "--seq-len", *map(str, seq_len), "--skip-check", "-o", str(output)]
+            output = root / f"{task}-{max_texts}-{'-'.join(map(str, seq_len))}-{shapes}.mlpackage"
+            argv = [str(folder), "--task", *task.split("+"), "--seq-len", *map(str, seq_len), "--shapes", shapes,
+                    "--skip-check", "-o", str(output)]
             if max_texts > 1:
                 argv += ["--max-texts", str(max_texts)]
             with pytest.raises(SystemExit) as e:
@@ -256,6 +257,37 @@ def test_multi_function_package_runs_each_head_at_each_length(packages, capsys):
     assert [r["shape"] for r in encoder["results"]] == [[r["num_tokens"], 64] for r in default["results"]]
     code, _, err = run_main([str(package), SHORT, "--function", "classify"], capsys)
     assert_one_line_error(code, err, "has no function 'classify' (it has fill_mask, encoder)")
+
+
+def test_functions_package_runs_each_length_as_the_enumerated_one(packages, capsys):
+    """--shapes functions: one fixed-shape function per (task, length), picked by the text's length, answering
+    what the enumerated-shapes package answers, for each head; a function named alone runs its length only."""
+    package, _ = packages("fill-mask+encoder", max_texts=1, shapes="functions")
+    enumerated, _ = packages("fill-mask+encoder", max_texts=1)
+    texts = [SHORT, LONG.replace("mill", "[MASK]")]
+    meta = read_metadata(package)
+    assert meta["shapes"] == "functions" and meta["function"] == "fill_mask" and meta["seq_lengths"] == [32, 64]
+    assert meta["function_names"] == ["fill_mask_64", "fill_mask_32", "encoder_32", "encoder_64"]   # default first
+    assert meta["length_functions"] == {32: "fill_mask_32", 64: "fill_mask_64"} and sorted(meta["cost"]) == ["32", "64"]
+    assert input_lengths(package, "encoder") == [32, 64] and input_lengths(package, "encoder_32") == [32]
+    for function in ("fill_mask", "encoder"):
+        ours = run_json([str(package), *texts, "--function", function], capsys)
+        theirs = run_json([str(enumerated), *texts, "--function", function], capsys)
+        assert ours["function"] == function and [r["length"] for r in ours["results"]] == [32, 64]
+        for a, b in zip(ours["results"], theirs["results"]):
+            if function == "fill_mask":
+                for mine, other in zip(a["masks"], b["masks"]):
+                    assert [p["id"] for p in mine["predictions"]] == [p["id"] for p in other["predictions"]]
+                    assert np.allclose([p["probability"] for p in mine["predictions"]],
+                                       [p["probability"] for p in other["predictions"]], rtol=2e-3)
+            else:
+                assert a["shape"] == b["shape"] and np.allclose(a["norms"], b["norms"], rtol=2e-3)
+    only = run_json([str(package), SHORT, "--function", "fill_mask_32"], capsys)
+    assert only["function"] == "fill_mask_32" and only["results"][0]["length"] == 32
+    assert_error([str(package), texts[1], "--function", "fill_mask_32"], capsys, "largest length 32")
+    assert_error([str(package), SHORT, "--function", "fill_mask_16"], capsys,
+                 "has no function 'fill_mask_16' (it has fill_mask, encoder, fill_mask_64, fill_mask_32, encoder_32, "
+                 "encoder_64)")
 
 
 def test_embed_vector_similarity_and_zero_shot(packages, capsys):

@@ -1,4 +1,4 @@
-"""ane_readiness.py: the summary's FLOP and byte lines (package_cost.py's counts)."""
+"""coreml/readiness.py: the summary's FLOP and byte lines (coreml/cost.py's counts)."""
 from modernbert_ane.coreml.readiness import Readiness
 
 SUMMARY = {"flops": 2_500_000_000, "flops_by_category": {"conv": 2_000_000_000, "matmul": 500_000_000},

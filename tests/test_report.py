@@ -73,6 +73,35 @@ def test_page_embeds_both_plots_and_the_metrics(written):
     assert not re.search(r'(src|href)="(?!data:)', page)                                    # nothing fetched
 
 
+PLACEMENT_RECORDS = [  # what mlpackage.compute_plan_records returns on a Mac
+    {"name": "qkv", "op_type": "conv", "device": "neural_engine", "supported": ["neural_engine"], "cost": 0.6},
+    {"name": "scores", "op_type": "einsum", "device": "neural_engine", "supported": ["neural_engine"], "cost": 0.2},
+    {"name": "emb", "op_type": "gather", "device": "cpu", "supported": ["cpu"], "cost": 0.0},
+    {"name": "emb_<2>", "op_type": "gather", "device": "gpu", "supported": ["cpu", "gpu"], "cost": 0.0},
+    {"name": "probs", "op_type": "softmax", "device": "cpu", "supported": ["cpu"], "cost": 0.2},
+]
+
+
+def test_placement_section_shows_shares_and_fallbacks_by_type(tmp_path):
+    """Synthetic compute-plan records through mlpackage.placement_summary (what diff_coreml.py passes) into the
+    page: the Neural Engine's share of ops and of FLOPs, ops per device, each fallback type with its devices."""
+    from modernbert_ane.coreml import package as mlpackage
+    summary = mlpackage.placement_summary(PLACEMENT_RECORDS, {"qkv": 6e9, "scores": 2e9, "probs": 2e9})
+    report.write_report(str(tmp_path / "r"), **sample(), placement={"cpu-and-ne": summary, "all": summary})
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "<h2>Where Core ML runs the ops (compute plan)</h2>" in page
+    assert page.count("of FLOPs on the Neural Engine</h3>") == 2
+    assert "<h3>compute units cpu-and-ne: 40.0 % of ops, 80.0 % of FLOPs on the Neural Engine</h3>" in page
+    assert "<td>cpu 2, gpu 1, neural_engine 2</td>" in page
+    assert re.search(r"<td>gather</td><td[^>]*>2</td><td>cpu 1, gpu 1</td><td[^>]*>0</td><td>emb, emb_&lt;2&gt;</td>",
+                     page)
+    assert re.search(r"<td>softmax</td><td[^>]*>1</td><td>cpu 1</td><td[^>]*>2</td><td>probs</td>", page)
+    assert page.index("<td>gather</td>") < page.index("<td>softmax</td>")          # most ops first
+    section = "\n".join(report.placement_html({"cpu-and-ne": mlpackage.placement_summary(PLACEMENT_RECORDS[:2], {})}))
+    assert "Every op runs on the Neural Engine." in section and "100.0 % of ops, n/a of FLOPs" in section
+    assert report.placement_html(None) == [] and report.placement_html({}) == []        # no plan: no section
+
+
 def test_peaks_are_grouped_per_layer_by_probe_name():
     peaks = report.peaks_per_layer({"embeddings.norm.square": 2.0, "embeddings": 1.0, "layers.1.mlp_norm.square":
                                      np.inf, "layers.10": 5.0, "layers.1": 3.0, "logits": 7.0}, n_layers=11)

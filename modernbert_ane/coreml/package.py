@@ -100,18 +100,47 @@ def function_names(spec) -> list[str]:
     return [default] + [n for n in names if n != default]
 
 
+def function_heads(spec, path) -> dict[str, list[str]]:
+    """A package converted with `--shapes functions`: head (the task's name, fill_mask) -> its functions, one per
+    length (fill_mask_128, fill_mask_512), from the metadata's per-function "head"; {} for any other package."""
+    stored = spec.description.metadata.userDefined.get(METADATA_PREFIX + "functions")
+    if not stored:
+        return {}
+    try:
+        functions = json.loads(stored)
+    except json.JSONDecodeError as e:
+        raise PackageError(f"{path} has damaged {METADATA_PREFIX}functions metadata: {e}") from e
+    heads = {}
+    for name in function_names(spec):
+        entry = functions.get(name) if isinstance(functions, dict) else None
+        if isinstance(entry, dict) and _is_name(entry.get("head")):
+            heads.setdefault(entry["head"], []).append(name)
+    return heads
+
+
+def resolve_functions(spec, function: str | None, path) -> tuple[str, list[str]]:
+    """(the name `function` resolves to, the package's functions that serve it). `function` is a function, or in
+    a `--shapes functions` package a head naming its functions of every length; None: the default function, or
+    the head it belongs to. A clear error for a name the package does not have."""
+    names, heads = function_names(spec), function_heads(spec, path)
+    if function is None:
+        function = next((head for head, served in heads.items() if names[0] in served), names[0])
+    if function in heads:
+        return function, heads[function]
+    if function not in names:
+        raise PackageError(f"{path} has no function '{function}' (it has {', '.join([*heads, *names])})")
+    return function, [function]
+
+
 def resolve_function(spec, function: str | None, path) -> str:
     """`function`, or the package's default when None; a clear error for a function it does not have."""
-    names = function_names(spec)
-    function = function or names[0]
-    if function not in names:
-        raise PackageError(f"{path} has no function '{function}' (it has {', '.join(names)})")
-    return function
+    return resolve_functions(spec, function, path)[0]
 
 
 def function_description(spec, function: str | None, path):
-    """The description holding a function's inputs and outputs (the model's own for a single function)."""
-    function = resolve_function(spec, function, path)
+    """The description holding a function's inputs and outputs (the model's own for a single function; a head's
+    first function's)."""
+    function = resolve_functions(spec, function, path)[1][0]
     if not spec.description.functions:
         return spec.description
     return next(f for f in spec.description.functions if f.name == function)
@@ -130,16 +159,23 @@ def read_metadata(path, function: str | None = None) -> dict:
         meta = {key: json.loads(value) for key, value in ours.items()}
     except json.JSONDecodeError as e:
         raise PackageError(f"{path} has damaged {METADATA_PREFIX}* metadata: {e}") from e
-    function = resolve_function(spec, function, path)
+    function, served = resolve_functions(spec, function, path)
     per_function = meta.pop("functions", None)
     if per_function is not None:
-        if not isinstance(per_function, dict) or not isinstance(per_function.get(function), dict):
+        if not isinstance(per_function, dict) or not all(isinstance(per_function.get(f), dict) for f in served):
             raise PackageError(f"{path} has damaged {METADATA_PREFIX}functions metadata (no entry for '{function}')")
-        meta.update(per_function[function])
+        meta.update(per_function[served[0]])
+        if len(served) > 1:                         # a head: every length's function, its costs by length
+            meta["seq_lengths"] = sorted(n for f in served for n in per_function[f].get("seq_lengths") or [])
+            meta["cost"] = {k: v for f in served for k, v in (per_function[f].get("cost") or {}).items()}
     if "task" not in meta:
         raise PackageError(f"{path} has no task for function '{function}' in its metadata")
     meta = check_metadata(meta, path)
     meta["function"], meta["function_names"] = function, function_names(spec)
+    try:
+        meta["length_functions"] = length_functions(spec, function, path)
+    except PackageError:            # no input_ids: input_lengths() says so where the lengths are needed
+        meta["length_functions"] = {}
     return meta
 
 
@@ -180,6 +216,8 @@ METADATA_TYPES = {
     "normalized": (lambda v: isinstance(v, bool), "true or false"),
     "pairs": (lambda v: isinstance(v, bool), "true or false"),
     "prompts": (_is_prompts, "prompt names mapped to texts"),
+    "shapes": (lambda v: v in ("enumerated", "functions"), "enumerated or functions"),
+    "head": (_is_name, "a function name"),
 }
 
 
@@ -214,14 +252,25 @@ def check_token_ids(seqs: list[list[int]], vocab_size: int | None, path, what=la
 
 
 def input_lengths(path, function: str | None = None) -> list[int]:
-    """The sequence lengths a package (function) accepts (enumerated shapes, or one fixed shape), ascending."""
-    spec = package_spec(path)
-    for inp in function_description(spec, function, path).input:
-        if inp.name == "input_ids":
-            arr = inp.type.multiArrayType
-            shapes = [list(s.shape) for s in arr.enumeratedShapes.shapes] or [list(arr.shape)]
-            return sorted({int(s[-1]) for s in shapes})
-    raise PackageError(f"{path} has no input_ids input")
+    """The sequence lengths a package (function, or head of a `--shapes functions` package) accepts (enumerated
+    shapes, one fixed shape, or one per function), ascending."""
+    return sorted(length_functions(package_spec(path), function, path))
+
+
+def length_functions(spec, function: str | None, path) -> dict[int, str]:
+    """length -> the function that runs it, for `function` (see resolve_functions), ascending: the same function
+    for every length of an enumerated-shapes package, one function per length for a `--shapes functions` one."""
+    runs = {}
+    for name in resolve_functions(spec, function, path)[1]:
+        for inp in function_description(spec, name, path).input:
+            if inp.name == "input_ids":
+                arr = inp.type.multiArrayType
+                shapes = [list(s.shape) for s in arr.enumeratedShapes.shapes] or [list(arr.shape)]
+                runs.update({int(s[-1]): name for s in shapes if int(s[-1]) not in runs})
+                break
+        else:
+            raise PackageError(f"{path} has no input_ids input")
+    return dict(sorted(runs.items()))
 
 
 def model_file(path) -> Path:
@@ -398,6 +447,66 @@ def compute_plan_records(compiled, compute_units: str = DEFAULT_COMPUTE_UNITS, f
     return records
 
 
+NEURAL_ENGINE = "neural_engine"
+
+
+def placement_summary(records: list[dict], op_flops: dict[str, int]) -> dict:
+    """Aggregate compute-plan records (mlpackage.compute_plan_records) with per-op FLOPs (first output name ->
+    FLOPs, package_cost.op_costs): the share of ops and of FLOPs on the Neural Engine, ops per device, and
+    every op placed elsewhere grouped by type (count, FLOPs, devices, up to 3 op names)."""
+    devices, fallbacks = {}, {}
+    total_flops = sum(op_flops.get(r["name"], 0) for r in records)
+    ne_ops = ne_flops = 0
+    for r in records:
+        device, flops = r["device"] or "unknown", op_flops.get(r["name"], 0)
+        devices[device] = devices.get(device, 0) + 1
+        if device == NEURAL_ENGINE:
+            ne_ops, ne_flops = ne_ops + 1, ne_flops + flops
+            continue
+        group = fallbacks.setdefault(r["op_type"], {"count": 0, "flops": 0, "devices": {}, "examples": []})
+        group["count"] += 1
+        group["flops"] += flops
+        group["devices"][device] = group["devices"].get(device, 0) + 1
+        if len(group["examples"]) < 3:
+            group["examples"].append(r["name"])
+    return {"ops": len(records), "ops_by_device": dict(sorted(devices.items())),
+            "neural_engine_op_share": ne_ops / len(records) if records else None,
+            "neural_engine_flop_share": ne_flops / total_flops if total_flops else None,
+            "fallbacks": dict(sorted(fallbacks.items(), key=lambda kv: (-kv[1]["count"], kv[0])))}
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def format_placement(units: str, summary: dict) -> str:
+    """The placement summary in words: shares, then each fallback type."""
+    devices = ", ".join(f"{d} {n}" for d, n in summary["ops_by_device"].items())
+    lines = [f"{units}: {summary['ops']} ops ({devices}); on the Neural Engine: "
+             f"{_pct(summary['neural_engine_op_share'])} of ops, {_pct(summary['neural_engine_flop_share'])} of FLOPs"]
+    if not summary["fallbacks"]:
+        lines.append("  every op on the Neural Engine")
+    for op_type, g in summary["fallbacks"].items():
+        where = ", ".join(f"{d} {n}" for d, n in sorted(g["devices"].items()))
+        lines.append(f"  off the Neural Engine: {op_type} x{g['count']} ({where}; {g['flops'] / 1e9:.3g} GFLOP), "
+                     f"e.g. {', '.join(g['examples'])}")
+    return "\n".join(lines)
+
+
+def per_op_flops(package, function: str | None, length: int) -> dict[str, int]:
+    """op name (its first output, as in compute-plan records) -> FLOPs (coreml/cost.py), one function at `length`."""
+    from modernbert_ane.coreml.cost import Program, op_costs                  # it imports this module
+    program = Program(package, function)
+    return {c.name: c.flops for c in op_costs(program, length)}
+
+
+def describe_backend(backend: str, compute_units: str | None = None, load_report: dict | None = None) -> str:
+    """The backend in words, for stderr: 'Core ML (cpu-and-ne, loaded from the cache in 0.4 s ...)'."""
+    if backend == "coreml":
+        return f"Core ML ({compute_units}, {describe_load(load_report)})"
+    return "float16 emulator"
+
+
 def describe_load(report: dict) -> str:
     """One line on how Core ML got the model, for stderr."""
     if report["cache"] == "off":
@@ -409,7 +518,9 @@ def describe_load(report: dict) -> str:
 
 
 class PackageRunner:
-    """Loads a package once and runs it: Core ML on the Neural Engine (macOS) or the emulator."""
+    """Loads a package once and runs it: Core ML on the Neural Engine (macOS) or the emulator. `function` may be
+    a head of a `--shapes functions` package: each of its functions (one per length) is loaded, and `predict`
+    runs the one of the input's length."""
 
     def __init__(self, path, backend: str = "auto", pessimistic: bool = False, function: str | None = None,
                  compute_units: str = DEFAULT_COMPUTE_UNITS, use_cache: bool = True):
@@ -417,14 +528,18 @@ class PackageRunner:
         compute_unit(compute_units)                   # an unknown name: the same error on every OS
         spec = package_spec(self.path)                # the clear error for a missing or foreign path, first
         self.function = resolve_function(spec, function, self.path)
-        self.compute_units, self.load_report = compute_units, None
+        self.functions = length_functions(spec, self.function, self.path)          # length -> function
+        self.compute_units, self.load_report, self._models = compute_units, None, {}
         try:
-            if self.backend == "coreml":
-                function = self.function if spec.description.functions else None
-                self._model, self.load_report = load_coreml(self.path, compute_units, function, use_cache)
-            else:
-                from modernbert_ane.coreml.emulator import MLProgramEmulator
-                self._model = MLProgramEmulator(str(self.path), function_name=self.function, pessimistic=pessimistic)
+            for name in dict.fromkeys(reversed(self.functions.values())):          # the largest length's first
+                if self.backend == "coreml":
+                    model, report = load_coreml(self.path, compute_units, name if spec.description.functions else None,
+                                                use_cache)
+                    self.load_report = self.load_report or report                  # the first load: the compile
+                else:
+                    from modernbert_ane.coreml.emulator import MLProgramEmulator
+                    model = MLProgramEmulator(str(self.path), function_name=name, pessimistic=pessimistic)
+                self._models[name] = model
         except NotImplementedError:                   # an op the emulator lacks: its own message
             raise
         except (OSError, ValueError, RuntimeError) as e:  # the weights: missing, truncated, damaged
@@ -432,20 +547,28 @@ class PackageRunner:
                                f"{type(e).__name__}: {e}") from e
 
     def op_inputs(self) -> dict:
-        """op name -> parameter -> names read, for the ops `predict(observe=)` reports (emulator only)."""
-        return self._model.op_inputs if self.backend == "emulate" else {}
+        """op name -> parameter -> names read, for the ops `predict(observe=)` reports (emulator only; every
+        function's)."""
+        if self.backend != "emulate":
+            return {}
+        return {op: read for model in self._models.values() for op, read in model.op_inputs.items()}
+
+    def model_for(self, length: int):
+        """The loaded function that runs `length` tokens: a clear error for a length the package does not take."""
+        if length not in self.functions:
+            raise UserError(f"{self.path} takes no input of {length} tokens (it takes "
+                            f"{', '.join(map(str, self.functions))})")
+        return self._models[self.functions[length]]
 
     def describe(self) -> str:
-        """The backend in words, for stderr: 'Core ML (cpu-and-ne, loaded from the cache in 0.4 s ...)'."""
-        if self.backend == "coreml":
-            return f"Core ML ({self.compute_units}, {describe_load(self.load_report)})"
-        return "float16 emulator"
+        return describe_backend(self.backend, self.compute_units, self.load_report)
 
     def predict(self, inputs: dict, observe=None) -> dict:
         """inputs: name -> int32 array. observe(op_name, op_type, value) sees every op (emulator only)."""
         inputs = {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in inputs.items()}
+        model = self.model_for(inputs["input_ids"].shape[-1])
         if self.backend == "coreml":
-            outputs = self._model.predict(inputs)
+            outputs = model.predict(inputs)
         else:
-            outputs = self._model.predict(inputs, observe=observe)
+            outputs = model.predict(inputs, observe=observe)
         return {k: np.asarray(v, dtype=np.float32) for k, v in outputs.items()}

@@ -1,6 +1,6 @@
 """An ANE-readiness summary of an ML Program: op counts, ops or shapes known to push work off the
 Neural Engine, the largest intermediate tensor, the weights' size on disk and, per length, the FLOP and
-byte counts of `package_cost.py`.
+byte counts of `coreml/cost.py`.
 
 The rules are reported behaviour (Apple's ANE transformers notes, coremltools issues), not a
 guarantee: Core ML decides placement on the device. Xcode's performance report is the ground truth.
