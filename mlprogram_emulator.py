@@ -1215,6 +1215,43 @@ def _sliding_windows(a, ctx):
     return np.moveaxis(w, -1, axis + 1)
 
 
+# ---- activation quantization (iOS 17 quantize / dequantize) --------------------------------
+
+def _quant_params(a, x):
+    """scale and zero point (0 when absent) broadcast against x: scalars, or vectors along `axis`."""
+    axis = a.get("axis")
+    axis = None if axis is None else _int(axis)
+    scale = np.asarray(a["scale"], dtype=np.float32)
+    zp = a.get("zero_point")
+    zp = np.zeros((), np.float32) if zp is None else np.asarray(zp).astype(np.float32)
+    if scale.ndim and axis is None:
+        raise EmulationError("quantize/dequantize: a vector scale needs an axis")
+    if scale.ndim:
+        scale, zp = _promote_to_rank(scale, x, axis), _promote_to_rank(zp, x, axis)
+    return scale, zp
+
+
+@_op("quantize")
+def _quantize(a, ctx):
+    """q = clip(round(x / scale) + zero_point) to the output dtype's full range; rounding half to even
+    (coremltools' reference, np.around). Exact in both modes: one division and one rounding."""
+    x = _f32(a["input"])
+    dtype = _INT_DTYPES[_str(a["output_dtype"])]
+    scale, zp = _quant_params(a, x)
+    if x.size and not np.all(np.isfinite(x)):
+        raise EmulationError(f"{ctx.where()}: cannot quantize non-finite values")
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(x / scale) + zp, info.min, info.max).astype(dtype)
+
+
+@_op("dequantize")
+def _dequantize(a, ctx):
+    """x = scale * (q - zero_point), rounded to float16 like every float output."""
+    q = np.asarray(a["input"])
+    scale, zp = _quant_params(a, q)
+    return (q.astype(np.float32) - zp) * scale
+
+
 # ---- compile-time (constexpr) decompression ---------------------------------------------
 
 def _unpack_bits(packed, nbits, count):
