@@ -9,7 +9,8 @@ The quantize -> dequantize pairs themselves are inserted by coremltools' own gra
 with these ranges, on the convs only (its `add` patterns would also quantize the residual stream).
 
 Quantization (coremltools' linear_symmetric int8, per tensor): scale = max|x| / 127, stored as float16;
-q = clip(round_half_even(x / scale), -127, 127); x^ = q * scale. `fake_quant` is the same in torch, with
+q = clip(round_half_even(x / scale), -128, 127) (the scale maps the calibrated range to +-127, the quantize
+op clips to the int8 range); x^ = q * scale. `fake_quant` is the same in torch, with
 a straight-through gradient, for the learned rotation (rotations/learned.py).
 """
 import contextlib
@@ -75,7 +76,7 @@ def activation_scale(peak: float) -> float:
 
 def fake_quant(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """quantize -> dequantize (torch.round: half to even, as coremltools' np.around); gradient straight through."""
-    q = torch.clamp(torch.round(x / scale), -QMAX, QMAX) * scale
+    q = torch.clamp(torch.round(x / scale), -QMAX - 1, QMAX) * scale       # the quantize op clips to int8's range
     return x + (q - x).detach()
 
 

@@ -25,17 +25,17 @@ def tiny_model(folder) -> ModernBert:
 
 def test_fake_quant_is_coremltools_quantize_dequantize():
     """Same values as coremltools' reference of the iOS 17 quantize op (np.around: half to even), clipped to
-    +-127, for ties, clipping and ordinary values; the gradient passes straight through."""
+    int8's [-128, 127], for ties, clipping and ordinary values; the gradient passes straight through."""
     from quiet_coremltools import import_coremltools
     import_coremltools()
     from coremltools.optimize import _utils
-    x = np.array([0.25, 0.75, -0.25, 1.25, 0.1, -40.0, 40.0, 3.3], np.float32)
+    x = np.array([0.1875, 0.3125, -0.3125, 1.25, 0.1, -40.0, 40.0, 3.3], np.float32)    # / 0.125: 1.5, 2.5, ...
     scale = np.float32(activation_scale(15.875))                    # 15.875 / 127 = 0.125 exactly
     q = _utils.quantize_by_scale_and_zp(x, scale, None, "int8")
     t = torch.tensor(x, requires_grad=True)
     y = fake_quant(t, float(scale))
     np.testing.assert_array_equal(y.detach().numpy(), q.astype(np.float32) * scale)
-    np.testing.assert_array_equal(y.detach().numpy()[:6], [0.25, 0.75, -0.25, 1.25, 0.125, -15.875])
+    np.testing.assert_array_equal(y.detach().numpy()[:6], [0.25, 0.25, -0.25, 1.25, 0.125, -16.0])
     y.sum().backward()
     np.testing.assert_array_equal(t.grad.numpy(), np.ones(8))
     assert activation_scale(0.0) == 1.0 and activation_scale(1.0) == float(np.float16(1 / 127))
@@ -73,15 +73,9 @@ def test_w8a8_package_matches_its_simulation(checkpoint_factory, tmp_path):
     rotate_model(model, "learned", matrix=Q)
     peaks = calibrate(model, *calibration)
     assert counts["quantize"] == counts["dequantize"] == len(peaks)
-    from quiet_coremltools import import_coremltools
-    ct = import_coremltools()
-    spec = ct.utils.load_spec(str(package))
-    ops = spec.mlProgram.functions["main"].block_specializations["CoreML7"].operations
-    scales = sorted(float(np.frombuffer(op.attributes["val"].immediateValue.tensor.bytes.values, np.float16)[0])
-                    for op in ops if op.type == "const" and "scale" in op.outputs[0].name
-                    and op.outputs[0].type.tensorType.rank == 0 and "quantize" in op.outputs[0].name)
-    if scales:                                                        # scales stored as named constants
-        assert scales == sorted(activation_scale(p) for p in peaks.values())
+    # float16 scales: the same up to one float16 step (convert.py calibrates with its norm and attention forms)
+    np.testing.assert_allclose(quantize_scales(package), sorted(activation_scale(p) for p in peaks.values()),
+                               rtol=1e-3)
     convert.simulate_compression(model, "int8", float("inf"))     # int8 weights, token embeddings kept float16
     ids, mask = tokenize(tokenizer, [EVAL_TEXTS[6]], LENGTH, fixed_length=True)
     out = emulator.predict({"input_ids": ids.numpy().astype(np.int32),
@@ -91,6 +85,16 @@ def test_w8a8_package_matches_its_simulation(checkpoint_factory, tmp_path):
         sim = model(ids, mask)[0][mask[0] > 0].numpy()
     metrics = distribution_metrics(sim, ours)
     assert metrics["top1_agreement"] >= 0.95 and metrics["kl_mean"] < 1e-2, metrics
+
+
+def quantize_scales(package) -> list[float]:
+    """The scales of a package's quantize ops, sorted, read back by coremltools' own loader."""
+    from quiet_coremltools import import_coremltools
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+    ct = import_coremltools()
+    spec = ct.utils.load_spec(str(package))
+    program = milproto_load(spec, spec.specificationVersion, str(package / "Data/com.apple.CoreML/weights"))
+    return sorted(float(op.scale.val) for op in program.functions["main"].operations if op.op_type == "quantize")
 
 
 @pytest.mark.parametrize("argv, message", [
