@@ -36,7 +36,8 @@ from modernbert_ane.output_files import Ours, check_output as check_output_file,
 from modernbert_ane.coreml.cost import metadata_entry, package_costs
 from modernbert_ane.coreml.quiet_coremltools import import_coremltools
 from modernbert_ane.rotations import ROTATION_KINDS, rotate_model
-from modernbert_ane.rotations.fuse import SEEDED_KINDS
+from modernbert_ane.rotations.fuse import LEARNED, SEEDED_KINDS
+from modernbert_ane.rotations.learned import DEFAULT_STEPS
 from modernbert_ane import cli
 from modernbert_ane.user_errors import UserError, run_cli, writing
 
@@ -48,7 +49,7 @@ MASK_DESCRIPTION = {False: "1 for a token, 0 for padding, int32",
 TARGETS = {"macOS15": ("macOS15", True), "iOS18": ("iOS18", True), "macOS14": ("macOS14", False),
            "iOS17": ("iOS17", False)}
 SHAPES = ("enumerated", "functions")
-COMPRESS_MODES = ("none", "int8", "palettize4", "palettize6", "palettize8")
+COMPRESS_MODES = ("none", "int8", "palettize4", "palettize6", "palettize8", "w8a8")
 PALETTE_GROUP = 32              # output channels sharing one palette (per-grouped-channel: iOS 18 / macOS 15)
 CHECK_MIN_TOP1 = 0.9            # of the package against this model in float32, on the check texts
 CHECK_MIN_COSINE = 0.99
@@ -65,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fill_mask_128, fill_mask_512, ..., the weights stored once; predict.py picks the "
                         "smallest length that fits)")
     cli.add_task(p, several=True)
-    cli.add_strategy(p, ("auto",) + ROTATION_KINDS, default="auto", norms=NORM_KINDS)
+    cli.add_strategy(p, ("auto",) + ROTATION_KINDS + (LEARNED,), default="auto", norms=NORM_KINDS)
+    p.add_argument("--rotation-steps", type=int, default=DEFAULT_STEPS, metavar="N",
+                   help=f"--rotation learned: optimizer steps on the calibration texts (default {DEFAULT_STEPS})")
     p.add_argument("--deployment-target", choices=sorted(TARGETS), default="macOS15",
                    help="minimum OS (default macOS15 = iOS18 ops; macOS14/iOS17 only for a single --seq-len)")
     p.add_argument("--local-attention", choices=("auto", "masked", "blockwise"), default="auto",
@@ -77,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compress", choices=COMPRESS_MODES, default="none",
                    help="int8: per-channel symmetric int8 weights (about half the size); palettizeN: 2^N-entry "
                         "k-means palettes per group of 32 output channels (N/16 of the size; macOS15/iOS18); "
-                        "convs and token embeddings; default none (float16 weights)")
+                        "convs and token embeddings; w8a8: int8 weights and int8 activations (one scale per "
+                        "tensor, calibrated with model.py) at every int8 conv's input (iOS17/macOS14 ops); default "
+                        "none (float16 weights)")
     cli.add_tokenizer(p)
     p.add_argument("-o", "--output", help="output .mlpackage (default: named from model, task, rotation (auto: "
                                           "'auto', whatever was chosen), norm when given, lengths)")
@@ -145,6 +150,13 @@ def validate(args) -> list[int]:
     if args.compress.startswith("palettize") and not recent:
         raise UserError(f"--compress {args.compress} stores one palette per group of channels, which needs "
                         f"--deployment-target macOS15 or iOS18 (not {target}); --compress int8 runs on {target}")
+    if args.rotation == LEARNED and args.compress != "w8a8":
+        raise UserError("--rotation learned minimizes the W8A8 error: it needs --compress w8a8")
+    if args.compress == "w8a8" and args.rotation == "auto":       # auto measures float16 strategies, not int8 ones
+        raise UserError("--compress w8a8 needs a forced --rotation (none, identity, hadamard, random or learned; "
+                        "README: W8A8)")
+    if args.rotation_steps < 0:
+        raise UserError("--rotation-steps must be 0 or more")
     if min(lengths) < 2:
         raise UserError("--seq-len must be at least 2 (room for [CLS] and [SEP])")
     if len(lengths) > 128:
@@ -509,14 +521,26 @@ def quiet_conversion() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"coremltools\..*")
 
 
-def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: float, steps, label: str):
-    """Rotate, trace and convert one task's model: yields an ML Program (weights compressed if asked) per
-    group of length_groups(lengths, args.shapes), in order (one for enumerated shapes, one per length for
-    --shapes functions: every function traced at its own length, from the same rotated weights)."""
+def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: float, steps, label: str,
+                 tokenizer=None):
+    """Rotate, trace and convert one task's model: yields an ML Program (weights compressed if asked; W8A8's
+    activation scales and the learned rotation from `tokenizer`'s calibration texts) per group of
+    length_groups(lengths, args.shapes), in order (one for enumerated shapes, one per length for --shapes
+    functions: every function traced at its own length, from the same rotated weights)."""
+    if args.compress == "w8a8":
+        from modernbert_ane.activation_quant import CALIBRATION_TEXTS
+        calibration = tokenize(tokenizer, CALIBRATION_TEXTS, lengths[-1])
     if args.rotation != "none" or args.measured:       # --rotation auto counted this step before choosing
-        steps.start(f"{label}rotating ({args.rotation}" + (f", seed {args.seed})" if args.rotation in SEEDED_KINDS
-                                                           else ")"))
-        rotate_model(model, args.rotation, args.seed)
+        steps.start(f"{label}rotating ({args.rotation}" + (f", seed {args.seed}" if args.rotation in SEEDED_KINDS
+                                                           else "")
+                    + (f", {args.rotation_steps} steps on the W8A8 error)" if args.rotation == LEARNED else ")"))
+        matrix = None
+        if args.rotation == LEARNED:
+            from modernbert_ane.rotations.learned import learn_rotation
+            matrix, losses = learn_rotation(model, *calibration, steps=args.rotation_steps, seed=args.seed)
+            print(f"      W8A8 relative error of the encoder output: {losses[0]:.3g} (hadamard) -> "
+                  f"{min(losses):.3g} (learned, best of {len(losses)})", file=sys.stderr)
+        rotate_model(model, args.rotation, args.seed, matrix=matrix)
         steps.done()
     model.set_norm(args.norm)
     if args.query_chunk:
@@ -533,8 +557,12 @@ def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: fl
                                                                                  if len(group) < len(lengths) else ")"))
         mlmodel = to_mlprogram(traced, model.task, group, args.deployment_target)
         del traced
+        if args.compress == "w8a8":
+            from modernbert_ane.activation_quant import calibrate, quantize_activations
+            mlmodel = quantize_activations(mlmodel, model, calibrate(model, *calibration))
         if args.compress != "none":
-            mlmodel = compress_weights(mlmodel, model, args.compress, embedding_gain)
+            mlmodel = compress_weights(mlmodel, model, "int8" if args.compress == "w8a8" else args.compress,
+                                       embedding_gain)
         steps.done()
         yield mlmodel
         del mlmodel
@@ -557,7 +585,7 @@ def convert_checkpoint(args) -> Path:
     steps = cli.Progress(1 + auto + n_tasks * ((args.rotation != "none") + 2 * n_groups) + 1 + (not args.skip_check))   # auto: rotating counted
     steps.start(f"loading {args.model}", announce="done")             # the input is checked here
     ckpt = resolve_checkpoint(args.model, args.revision, args.allow_pickle)
-    check_rotation(args.rotation, ckpt.config)                        # before the weights are loaded
+    check_rotation("hadamard" if args.rotation == LEARNED else args.rotation, ckpt.config)   # before the weights
     model = ModernBert.from_checkpoint(ckpt, args.task[0] if args.task else None, args.max_texts)
     tasks = args.task or [model.task]
     tokenizer = load_tokenizer(args.tokenizer or ckpt.root, tasks)
@@ -597,7 +625,7 @@ def convert_checkpoint(args) -> Path:
                 model = ModernBert.from_checkpoint(ckpt, task, args.max_texts)
             names = [name for name, (of, _) in layout.items() if of == task]
             for name, mlmodel in zip(names, convert_task(model, args, lengths, embedding_gain, steps,
-                                                         f"{task}: " if n_tasks > 1 else "")):
+                                                         f"{task}: " if n_tasks > 1 else "", tokenizer)):
                 readiness.add_ops(mlmodel._mil_program.functions["main"].operations)
                 parts[name] = staging / f"{name or 'main'}.mlpackage"
                 mlmodel.save(str(parts[name]))

@@ -958,6 +958,32 @@ def test_required_op_types_are_supported():
     assert not missing
 
 
+def test_quantize_dequantize_by_hand(tmp_path):
+    """iOS 17 activation quantization: x / scale rounded half to even, zero point added, clipped to the dtype's
+    range; dequantize = scale * (q - zero point). Per tensor (int8) and per channel (uint8, zero points)."""
+    @mb.program(input_specs=[mb.TensorSpec(shape=(8,), dtype=types.fp16),
+                             mb.TensorSpec(shape=(1, 2, 4), dtype=types.fp16)], opset_version=ct.target.iOS17)
+    def prog(x, y):
+        qx = mb.quantize(input=x, scale=np.float16(0.5), output_dtype="int8")
+        scale, zp = np.array([0.5, 0.25], np.float16), np.array([128, 10], np.uint8)
+        qy = mb.quantize(input=y, scale=scale, zero_point=zp, axis=1, output_dtype="uint8")
+        return (mb.cast(x=qx, dtype="int32"), mb.dequantize(input=qx, scale=np.float16(0.5)),
+                mb.dequantize(input=qy, scale=scale, zero_point=zp, axis=1))
+
+    path = convert_mil(prog, tmp_path / "quant.mlpackage", target=ct.target.iOS17)
+    x = np.array([1.25, 1.75, -1.25, 0.75, 100.0, -100.0, 0.0, 0.2], np.float32)      # x / 0.5: ties, clips
+    y = np.array([[[1.25, -1.0, 70.0, 0.3], [0.375, -5.0, 1.0, 0.125]]], np.float32)
+    for pessimistic in (False, True):
+        emu = MLProgramEmulator(path, pessimistic=pessimistic)
+        assert {"quantize", "dequantize"} <= set(emu.op_type_counts())
+        q, dx, dy = emu.predict({"x": x, "y": y}).values()
+        np.testing.assert_array_equal(q, [2, 4, -2, 2, 127, -128, 0, 0])
+        np.testing.assert_array_equal(dx, [1.0, 2.0, -1.0, 1.0, 63.5, -64.0, 0.0, 0.0])
+        # channel 0: rint(y/0.5) + 128 -> [130, 126, 255 (268 clipped), 129]; channel 1: rint(y/0.25) + 10 ->
+        # [12 (1.5 -> 2), 0 (-10 clipped), 14, 10 (0.5 -> 0)]
+        np.testing.assert_array_equal(dy, [[[1.0, -1.0, 63.5, 0.5], [0.5, -2.5, 1.0, 0.0]]])
+
+
 # --------------------------------------------------------------------------------------
 # 7. Errors
 # --------------------------------------------------------------------------------------

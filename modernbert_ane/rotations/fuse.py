@@ -36,7 +36,8 @@ from modernbert_ane.model import ModernBert, RMSNorm, LayerNorm, conv1x1
 from modernbert_ane.rotations.hadamard import rotation_matrix
 
 ROTATION_KINDS = ("hadamard", "random", "identity", "none")
-SEEDED_KINDS = ("hadamard", "random")
+SEEDED_KINDS = ("hadamard", "random", "learned")
+LEARNED = "learned"              # Q given by rotations/learned.py (started from the seed's Hadamard)
 
 
 def conv_weight(conv: nn.Conv2d) -> np.ndarray:
@@ -118,20 +119,24 @@ def rotate_block(block, Q: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def rotate_model(model: ModernBert, kind: str = "hadamard", seed: int = 0) -> ModernBert:
+def rotate_model(model: ModernBert, kind: str = "hadamard", seed: int = 0,
+                 matrix: np.ndarray | None = None) -> ModernBert:
     """Fold norms and rotate the residual stream in place; the function computed is unchanged.
     kind: "hadamard" (randomized Hadamard), "random" (random orthogonal), "identity" (Q = I: the norms folded
     and the stream centred, SliceGPT's trick alone, so every norm is an RMSNorm and no massive value is
     spread; a centring LayerNorm in float16 loses the small components of a token that carries a massive
-    one, its mean offset being ~1000x larger) or "none" (no change)."""
-    if kind not in ROTATION_KINDS:
+    one, its mean offset being ~1000x larger) or "none" (no change); LEARNED: `matrix`, an orthogonal (C, C)
+    from rotations/learned.py."""
+    if (kind == LEARNED) != (matrix is not None):
+        raise ValueError("a matrix is given with the learned rotation, and only with it")
+    if kind not in ROTATION_KINDS + (LEARNED,):
         raise ValueError(f"unknown rotation '{kind}' (one of {', '.join(ROTATION_KINDS)})")
     if kind == "none":
         return model
     if model.rotation is not None:
         raise ValueError("model is already rotated")
     C = model.config.hidden_size
-    Q = np.eye(C) if kind == "identity" else rotation_matrix(kind, C, seed)
+    Q = matrix if kind == LEARNED else np.eye(C) if kind == "identity" else rotation_matrix(kind, C, seed)
     fold_embedding_norm(model, Q)
     for block in model.layers:
         rotate_block(block, Q)

@@ -57,18 +57,18 @@ states (``read_state``/``write_state``), list ops, pooling, image resizing, recu
 layers, random ops, ``conv_transpose`` and other ops not listed in ``supported_op_types()``.
 
 Layout: numerics (float16 rounding, float16 sums), registry (the op table), one module per op family
-(elementwise, linalg, reductions, gathers, shapes, constexpr), loader (the package's proto and weights),
+(elementwise, linalg, reductions, gathers, shapes, constexpr, quantization), loader (the package's proto and weights),
 interpreter (MLProgramEmulator). Importing this package registers every op.
 
 Import note: coremltools is imported lazily through ``quiet_coremltools``.
 """
-from . import constexpr, elementwise, gathers, linalg, reductions, shapes
+from . import constexpr, elementwise, gathers, linalg, quantization, reductions, shapes
 from .errors import EmulationError, NotAnMLPackageError, UnsupportedOpError
 from .interpreter import MLProgramEmulator
 from .registry import supported_op_types
 
 # the op families: importing each registers its ops in the table the interpreter reads
-OP_MODULES = (elementwise, linalg, reductions, gathers, shapes, constexpr)
+OP_MODULES = (elementwise, linalg, reductions, gathers, shapes, constexpr, quantization)
 
 __all__ = [
     "MLProgramEmulator",

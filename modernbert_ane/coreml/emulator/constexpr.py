@@ -13,7 +13,7 @@ def _unpack_bits(packed, nbits, count):
     return (bits << np.arange(nbits, dtype=np.uint32)).sum(axis=1)
 
 
-def _promote_to_rank(param, data, axis):
+def promote_to_rank(param, data, axis):
     param = np.asarray(param)
     if param.ndim == data.ndim:
         return param
@@ -39,8 +39,8 @@ def _block_repeat(p, shape):
 def _cx_affine_dequantize(a, ctx):
     q = np.asarray(a["quantized_data"])
     axis = as_int(a["axis"])
-    scale = _promote_to_rank(a["scale"], q, axis).astype(np.float32)
-    zp = _promote_to_rank(a["zero_point"], q, axis).astype(np.float32)
+    scale = promote_to_rank(a["scale"], q, axis).astype(np.float32)
+    zp = promote_to_rank(a["zero_point"], q, axis).astype(np.float32)
     return (q.astype(np.float32) - zp) * scale
 
 

@@ -214,7 +214,7 @@ def _select(a, ctx):
     return np.where(np.asarray(a["cond"]).astype(bool), a["a"], a["b"])
 
 
-_INT_DTYPES = {
+INT_DTYPES = {
     "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16,
     "int32": np.int32, "uint32": np.uint32, "int64": np.int64,
 }
@@ -249,6 +249,6 @@ def _cast(a, ctx):
         return f32(x)
     if dtype == "bool":
         return x != 0
-    if dtype in _INT_DTYPES:
-        return to_int(x, _INT_DTYPES[dtype], ctx)
+    if dtype in INT_DTYPES:
+        return to_int(x, INT_DTYPES[dtype], ctx)
     raise UnsupportedOpError(f"{ctx.where()}: cast to {dtype!r} is not supported")
