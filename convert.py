@@ -293,20 +293,24 @@ def compress_weights(mlmodel, model: ModernBert, mode: str, embedding_gain: floa
     massive channels: one int8 scale per output row, or one palette per group of rows, would round every
     other entry of the row to zero). The token embeddings stay float16 too when the embedding norm's
     weight is large (checkpoints with massive activations): the norm multiplies their rounding error by
-    that weight, thousands on the massive channels."""
+    that weight, thousands on the massive channels; a tied decoder reads the same constant
+    (ModernBert.tied_decoder), so it stays float16 with them (still smaller than a float16 table plus an
+    int8 decoder)."""
     import coremltools.optimize.coreml as cto
     ops = mlmodel._mil_program.functions["main"].operations
     keep = {op.name: None for op in ops if op.op_type == "gather"
             and tuple(op.inputs["x"].shape) == (model.config.max_position_embeddings, model.config.head_dim)}
     if embedding_gain > EMBEDDING_GAIN_LIMIT:
-        print(f"      token embeddings kept in float16: the embedding norm's weight reaches {embedding_gain:.0f}",
-              file=sys.stderr)
-        keep.update({op.name: None for op in ops if op.op_type == "gather"
-                     and tuple(op.inputs["x"].shape) == (model.config.vocab_size, model.config.hidden_size)})
+        tied = " (and the tied decoder, which reads the same constant)" if model.tied_decoder else ""
+        print(f"      token embeddings{tied} kept in float16: the embedding norm's weight reaches "
+              f"{embedding_gain:.0f}", file=sys.stderr)
+        tables = [op.inputs["x"] for op in ops if op.op_type == "gather"
+                  and tuple(op.inputs["x"].shape) == (model.config.vocab_size, model.config.hidden_size, 1, 1)]
+        keep.update({child.name: None for table in tables for child in table.child_ops})   # gather and tied conv
     keep.update({op.name: None for op in ops if op.op_type == "conv"
                  and any(part in op.inputs["weight"].name for part in ("embeddings_proj", "final_proj"))})
-    config = cto.OptimizationConfig(op_type_configs={"conv": compression_config(mode),
-                                                     "gather": compression_config(mode)}, op_name_configs=keep)
+    config = compression_config(mode)                     # one object: the tied table's gather and conv must agree
+    config = cto.OptimizationConfig(op_type_configs={"conv": config, "gather": config}, op_name_configs=keep)
     if mode == "int8":
         return cto.linear_quantize_weights(mlmodel, config)
     return cto.palettize_weights(mlmodel, config)
@@ -315,11 +319,12 @@ def compress_weights(mlmodel, model: ModernBert, mode: str, embedding_gain: floa
 def simulate_compression(model: ModernBert, mode: str, embedding_gain: float) -> None:
     """Round model.py's weights (in place) the way `--compress mode` stores them, so the float16 strategy is
     measured with them: the weights compress_weights compresses (every conv but the rotation's two, the token
-    embeddings unless the embedding norm's weight is large), int8 per output channel, symmetric; palettes from
+    embeddings and a tied decoder unless the embedding norm's weight is large), int8 per output channel, symmetric; palettes from
     kmeans_palette per group of PALETTE_GROUP output channels (rows). A simulation of coremltools' rounding
     (its int8 range and scales may differ in the last bit): good enough to rank strategies."""
-    weights = [m.weight for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Conv2d) and name not in ("embeddings.proj", "final_proj")]
+    kept = ("embeddings.proj", "final_proj") + (("decoder",) if embedding_gain > EMBEDDING_GAIN_LIMIT
+                                                and model.tied_decoder else ())   # it reads the embeddings' constant
+    weights = [m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and name not in kept]
     if embedding_gain <= EMBEDDING_GAIN_LIMIT:
         weights.append(model.embeddings.tok_embeddings.weight)
     for weight in weights:

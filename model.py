@@ -395,10 +395,16 @@ class Embeddings(nn.Module):
         self.norm = LayerNorm(config.hidden_size, config.norm_eps, config.norm_bias, "embeddings.norm")
         self.proj = None              # set by rotations/: the norm's weight, centring and rotation, as a conv
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, table=None):
         """(layer 0's attention input, the residual stream), both (B, C, 1, S). The same tensor unless
-        rotated: then layer 0 reads the normalized embedding, the stream its rotated projection."""
-        h = self.norm(self.tok_embeddings(input_ids).transpose(1, 2).unsqueeze(2))   # (B, C, 1, S)
+        rotated: then layer 0 reads the normalized embedding, the stream its rotated projection.
+        table: the (V, C, 1, 1) table to look tokens up in, when it is the tied decoder's conv weight
+        (ModernBert.tied_decoder): the package then stores one V x C constant, read by the gather and the conv."""
+        B, S = input_ids.shape
+        if table is None:      # the decoder conv's layout in every task: a multi-function package shares the table
+            table = self.tok_embeddings.weight[:, :, None, None]                   # (V, C, 1, 1)
+        e = table.index_select(0, input_ids.reshape(-1))                           # (B*S, C, 1, 1): rank 4, not 5
+        h = self.norm(e.reshape(B, S, -1, 1).permute(0, 2, 3, 1))                  # (B, C, 1, S)
         x = h if self.proj is None else self.proj(h)                                # (B, C, 1, S)
         return h, probe("embeddings", x)
 
@@ -477,6 +483,17 @@ class ModernBert(nn.Module):
             cos, sin = rope_tables(theta, config.head_dim, config.max_position_embeddings)
             self.register_buffer(f"{kind}_cos", cos, persistent=False)        # (L, D)
             self.register_buffer(f"{kind}_sin", sin, persistent=False)
+
+    @property
+    def tied_decoder(self) -> bool:
+        """Whether the decoder's weight is the token-embedding table (transformers ties them; rotations/ leave
+        both in the original basis; compression rounds their rows alike): then the embeddings gather from the
+        decoder's (V, C, 1, 1) conv weight and the package stores the table once. The decoder stays a 1x1 conv
+        (the ANE's fastest op, channels-first logits) rather than a matmul on the (V, C) table, which would
+        drop the conv for an op it runs less well; the gather reads the rank-4 table with flattened ids, so
+        nothing is rank 5."""
+        return self.task == "fill-mask" and torch.equal(self.decoder.weight[:, :, 0, 0],
+                                                        self.embeddings.tok_embeddings.weight)
 
     @property
     def pooling(self) -> str:
@@ -563,7 +580,7 @@ class ModernBert(nn.Module):
         """The encoder's output (B, C, 1, S), transformers' last hidden state (rotated models undo their
         rotation in final_proj)."""
         S = input_ids.shape[1]
-        h, x = self.embeddings(input_ids)                                      # 2 x (B, C, 1, S)
+        h, x = self.embeddings(input_ids, self.decoder.weight if self.tied_decoder else None)   # 2 x (B, C, 1, S)
         global_bias, local_bias = self.mask_biases(attention_mask, x.dtype)
         rope = {kind: self.rope(kind, positions, S, x.dtype) for kind in ("global", "local")}
         for i, block in enumerate(self.layers):

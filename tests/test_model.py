@@ -151,6 +151,29 @@ def test_tied_decoder_falls_back_to_embeddings(checkpoint_factory):
     assert torch.equal(model.decoder.weight[:, :, 0, 0], model.embeddings.tok_embeddings.weight)
 
 
+def test_tied_decoder_gathers_from_the_decoder_weight(checkpoint_factory, monkeypatch):
+    """A tied checkpoint's embeddings read the decoder's (V, C, 1, 1) weight (one constant in the package)
+    and compute what nn.Embedding computes; a rotation keeps the tie; an untied decoder is its own."""
+    from rotations import rotate_model
+    model, _ = ModernBert.from_pretrained(str(checkpoint_factory("tiny", "fill-mask")))
+    ids, mask = batch(48, EVAL_TEXTS[:2])
+    tables, forward = [], model.embeddings.forward
+    monkeypatch.setattr(model.embeddings, "forward", lambda i, table=None: tables.append(table) or forward(i, table))
+    with torch.no_grad():
+        model(ids, mask)
+        h_tied, _ = forward(ids, model.decoder.weight)
+        h_own, _ = forward(ids)
+        expected = model.embeddings.norm(model.embeddings.tok_embeddings(ids).transpose(1, 2).unsqueeze(2))
+    assert model.tied_decoder and tables == [model.decoder.weight]
+    assert torch.equal(h_tied, expected) and torch.equal(h_own, expected)     # (B, C, 1, S), the same lookup
+    rotate_model(model, "hadamard", 0)
+    assert model.tied_decoder                          # rotations/ leave the table and the decoder unrotated
+    untied = checkpoint_factory("tiny", "fill-mask", config_overrides={"tie_word_embeddings": False})
+    assert "decoder.weight" in load_file(str(untied / "model.safetensors"))
+    assert not ModernBert.from_pretrained(str(untied))[0].tied_decoder
+    assert not ModernBert.from_pretrained(str(checkpoint_factory("tiny", "fill-mask")), task="encoder")[0].tied_decoder
+
+
 def test_sharded_safetensors(checkpoint_factory, tmp_path):
     source = checkpoint_factory("tiny", "fill-mask")
     folder = tmp_path / "sharded"
