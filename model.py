@@ -313,10 +313,11 @@ class Attention(nn.Module):
         if self.block:
             return self.Wo(self.blockwise(q, k, v, mask_bias))                 # (B, C, 1, S)
         chunk = self.query_chunk or S
+        kt = k.transpose(1, 3)                                                 # (B, S, 1, C): one transpose per layer
         outs = []
         for h in range(self.heads):                                            # ANE: one einsum pair per head
             sl = slice(h * self.head_dim, (h + 1) * self.head_dim)
-            kh = k[:, sl].transpose(1, 3)                                      # (B, S, 1, D)
+            kh = kt[..., sl]                                                   # (B, S, 1, D): a slice, not a transpose
             vh = v[:, sl]                                                      # (B, D, 1, S)
             parts = []
             for s in range(0, S, chunk):
@@ -336,14 +337,16 @@ class Attention(nn.Module):
         does not take this blocked form."""
         B, C, _, S = q.shape
         b = self.block
-        qb = q.reshape(B, C, S // b, b)                                        # (B, C, nb, b): blocks on the H axis
-        kb, vb = neighbour_blocks(k, b), neighbour_blocks(v, b)                # (B, C, nb, 3b)
+        # op count: q, k and v permuted once per layer, each head a channel slice of them (not 3 transposes a head)
+        qb = q.reshape(B, C, S // b, b).permute(0, 2, 3, 1)                    # (B, nb, b, C): blocks on the H axis
+        kb = neighbour_blocks(k, b).permute(0, 2, 1, 3)                        # (B, nb, C, 3b)
+        vb = neighbour_blocks(v, b).permute(0, 2, 3, 1)                        # (B, nb, 3b, C)
         outs = []
         for h in range(self.heads):
             sl = slice(h * self.head_dim, (h + 1) * self.head_dim)
-            scores = qb[:, sl].permute(0, 2, 3, 1) @ kb[:, sl].permute(0, 2, 1, 3)   # (B, nb, b, 3b)
+            scores = qb[..., sl] @ kb[:, :, sl]                                # (B, nb, b, 3b)
             w = (scores + mask_bias).softmax(dim=3)
-            outs.append(w @ vb[:, sl].permute(0, 2, 3, 1))                     # (B, nb, b, D)
+            outs.append(w @ vb[..., sl])                                       # (B, nb, b, D)
         # op count: the heads joined first, then one transpose for the layer, not one per head
         return torch.cat(outs, dim=3).permute(0, 3, 1, 2).reshape(B, C, 1, S)  # (B, nb, b, C) -> (B, C, 1, S)
 
