@@ -30,7 +30,7 @@ from evaluation import (COSINE_TASKS, EVAL_TEXTS, cosine_metrics, distribution_m
                         reference_model, reference_outputs, tokenize)
 from mlpackage import (BACKENDS, OUTPUT_NAMES, PROJECT_VERSION, PackageRunner, function_description, package_inputs,
                        package_spec, save_spec, write_metadata, written_by_convert)
-from model import NORM_KINDS, POOLED_TASKS, TASKS, ModernBert
+from model import NORM_KINDS, POOLED_TASKS, TASKS, ModernBert, local_attention_bytes
 from output_files import Ours, check_output as check_output_file, publish, staging_folder
 from package_cost import metadata_entry, package_costs
 from quiet_coremltools import import_coremltools
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum OS (default macOS15 = iOS18 ops; macOS14/iOS17 only for a single --seq-len)")
     p.add_argument("--local-attention", choices=("auto", "masked", "blockwise"), default="auto",
                    help="sliding-window layers: blockwise (O(S*window), lengths multiples of the window radius) "
-                        "or masked (an S x S mask); auto: blockwise when it fits and S > 2 windows")
+                        "or masked (an S x S mask); auto: blockwise when it fits and the S x S form writes more bytes "
+                        "(from 832 tokens at base size)")
     p.add_argument("--query-chunk", type=int, help="global attention in query chunks of N tokens (single --seq-len)")
     p.add_argument("--max-texts", type=int, default=1, metavar="K",
                    help="pack up to K texts into one prediction (attention_mask carries segment ids; default 1)")
@@ -150,13 +151,17 @@ def validate(args) -> list[int]:
 
 
 def local_attention_kind(choice: str, config, lengths: list[int]) -> str:
+    """auto: blockwise where it fits (every length a multiple of the radius) and the S x S form would write
+    more bytes at the largest length (model.local_attention_bytes; the largest length bounds memory)."""
     radius = config.window_radius
     fits = all(n % radius == 0 for n in lengths)
     if choice == "blockwise" and not fits:
         raise UserError(f"--local-attention blockwise needs every --seq-len to be a multiple of the window "
                         f"radius {radius}")
     if choice == "auto":
-        return "blockwise" if fits and max(lengths) > 2 * config.local_attention else "masked"
+        sizes = {form: local_attention_bytes(form, max(lengths), config.hidden_size, config.num_attention_heads,
+                                             radius) for form in ("masked", "blockwise")}
+        return "blockwise" if fits and sizes["masked"] > sizes["blockwise"] else "masked"
     return choice
 
 

@@ -351,6 +351,26 @@ class Attention(nn.Module):
         return torch.cat(outs, dim=3).permute(0, 3, 1, 2).reshape(B, C, 1, S)  # (B, nb, b, C) -> (B, C, 1, S)
 
 
+def local_attention_bytes(form: str, length: int, hidden: int, heads: int, radius: int) -> int:
+    """Bytes (float16) the attention core of one sliding-window layer writes at `length` tokens, from the
+    roped q, k, v to the heads' concat: an estimate counted by hand from the ops Attention emits in each
+    form (S = length, C = hidden, H = heads, b = radius; bench/bench_attention_forms.py sets it beside
+    package_cost's count of saved packages):
+    - "masked": per head three S x S tensors (scores, masked scores, softmax); 6 C x S besides (K transposed,
+      the heads' q, k, v slices and outputs, their concat);
+    - "blockwise": per head three (S/b, b, 3b) tensors, 9 b S in all; 35 C x S + 8 C b besides (q in blocks, k
+      and v padded, reshaped, sliced into 3 neighbour blocks and joined, three permutes, the heads' slices
+      of 3b keys, their outputs, concat, permute and reshape back).
+    What convert.py's `--local-attention auto` compares: at base size (768 wide, 12 heads, window 128) the
+    S x S form writes less up to 768 tokens, blockwise from 832 (6.5 windows)."""
+    S, C, H, b = length, hidden, heads, radius
+    if form == "masked":
+        return 2 * (3 * H * S * S + 6 * C * S)
+    if form == "blockwise":
+        return 2 * (9 * H * b * S + 35 * C * S + 8 * C * b)
+    raise ValueError(f"unknown local attention '{form}' (masked or blockwise)")
+
+
 def neighbour_blocks(x, b: int):
     """(B, C, 1, S) -> (B, C, S/b, 3b): for each block of b positions, the previous, own and next block
     (zeros beyond the ends, masked out by the block mask)."""

@@ -299,7 +299,7 @@ def program_summary(mlmodel) -> collections.Counter:
 
 
 @pytest.mark.parametrize("config, task, lengths, options", [
-    ("tiny", "fill-mask", [16, LONG], {}),                     # two lengths, blockwise local layers
+    ("tiny", "fill-mask", [16, LONG], {"local_attention": "blockwise"}),     # two lengths, blockwise local layers
     ("tiny", "fill-mask", [SHORT], {}),                        # masked local layers
     ("biased", "classify", [LONG], {"max_texts": 4, "query_chunk": 16}),     # packing, chunked global queries
     ("odd", "token-classify", [LONG], {}),
@@ -313,13 +313,26 @@ def test_dropped_passes_would_change_nothing(checkpoint_factory, config, task, l
     rotate_model(model, "hadamard", 0)
     if options.get("query_chunk"):
         model.set_query_chunk(options["query_chunk"])
-    model.set_local_attention(convert.local_attention_kind("auto", model.config, lengths))
+    model.set_local_attention(convert.local_attention_kind(options.get("local_attention", "auto"), model.config,
+                                                           lengths))
     traced = convert.trace(model, lengths[-1])
     ct = convert.import_coremltools()
     ours = convert.to_mlprogram(traced, model.task, lengths, "macOS15")
     default = convert.to_mlprogram(traced, model.task, lengths, "macOS15", passes=ct.PassPipeline.DEFAULT)
     assert set(convert.DROPPED_PASSES) <= set(ct.PassPipeline.DEFAULT.passes)
     assert program_summary(ours) == program_summary(default)
+
+
+def test_auto_local_attention_follows_the_byte_counts():
+    """auto: blockwise where it fits and the S x S form writes more (model.local_attention_bytes): at base
+    size (window 128) from 832 tokens; the largest of several lengths decides; never where it does not fit."""
+    from model import ModernBertConfig
+    base = ModernBertConfig()
+    kinds = [convert.local_attention_kind("auto", base, [n]) for n in (256, 512, 768, 832, 2048, 8192)]
+    assert kinds == ["masked"] * 3 + ["blockwise"] * 3
+    assert convert.local_attention_kind("auto", base, [128, 512, 8192]) == "blockwise"
+    assert convert.local_attention_kind("auto", base, [8100]) == "masked"          # not a multiple of the radius
+    assert convert.local_attention_kind("masked", base, [8192]) == "masked"
 
 
 def test_kmeans_palette_is_nearest_and_exact_on_few_values():

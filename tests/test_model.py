@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from checkpoint import CheckpointError, resolve_checkpoint
 from checkpoints import CONFIGS, TASK_CLASSES, _trained_tokenizer_json, build_sentence_transformers, build_tokenizer
 from evaluation import EVAL_TEXTS, reference_model, sentence_embeddings, tokenize
-from model import MASK_FILL, NORM_KINDS, ActivationProbe, LayerNorm, ModernBert, ModernBertConfig, RMSNorm, default_task
+from model import (MASK_FILL, NORM_KINDS, ActivationProbe, LayerNorm, ModernBert, ModernBertConfig, RMSNorm,
+                   default_task, local_attention_bytes)
 
 TOL = 1e-4
 
@@ -313,6 +314,19 @@ def test_blockwise_local_attention_is_exact(checkpoint_factory, config):
         ours = model(ids, mask)
         ref = reference_model(ckpt, "fill-mask")(input_ids=ids, attention_mask=mask).logits
     assert masked_max_diff(ref, ours, mask) <= TOL
+
+
+def test_local_attention_bytes_by_hand():
+    """S=4, C=8, H=2, b=2: masked 3 H S^2 + 6 C S = 96 + 192 elements; blockwise 9 H b S + 35 C S + 8 C b =
+    144 + 1120 + 128; two bytes each. Quadratic against linear: the S x S form loses beyond a crossover."""
+    assert local_attention_bytes("masked", 4, 8, 2, 2) == 2 * (96 + 192)
+    assert local_attention_bytes("blockwise", 4, 8, 2, 2) == 2 * (144 + 1120 + 128)
+    base = dict(hidden=768, heads=12, radius=64)
+    masked_wins = [n for n in range(64, 8193, 64)
+                   if local_attention_bytes("masked", n, **base) <= local_attention_bytes("blockwise", n, **base)]
+    assert masked_wins == list(range(64, 769, 64))                   # blockwise from 832 tokens at base size
+    with pytest.raises(ValueError, match="unknown local attention"):
+        local_attention_bytes("dense", 4, 8, 2, 2)
 
 
 def test_blockwise_local_attention_with_packing(checkpoint_factory):
