@@ -7,9 +7,10 @@ with ModernBERT-base dimensions (768 wide, 12 heads, intermediate 1152, vocabula
 tied decoder), traced and converted by convert.py's own functions (float16, no rotation, no compression).
 A 22-layer model at 8192 tokens is too heavy to convert here, so every count is taken from three small
 stacks and scaled per layer, exactly for anything that adds up over ops (op counts, FLOPs, bytes):
-c(g) (embeddings, one global layer 0 without attention norm, head and decoder), c(g, g) and c(g, l); a
-global layer adds G = c(g, g) - c(g), a local one L = c(g, l) - c(g), and the 22-layer base model (8
-global layers, 14 local) counts c(g) + 7 G + 14 L. The package size is scaled the same way, and also
+c(g) (embeddings, one global layer 0 without attention norm, head and decoder), c(g, g), c(g, l) and
+c(g, l, l); a global layer adds G = c(g, g) - c(g), a local one L = c(g, l, l) - c(g, l) (the first local
+layer also brings the local mask, built once for all), and the 22-layer base model (8 global layers, 14
+local) counts c(g, l) + 7 G + 13 L. The package size is scaled the same way, and also
 measured in the layout before the tied decoder was stored once (the gather reading its own (V, C) table).
 model.local_attention_bytes (what `--local-attention auto` compares) is printed beside the measured
 difference of the two forms' local layers.
@@ -23,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-STACKS = {"g": ("full_attention",), "gg": ("full_attention",) * 2, "gl": ("full_attention", "sliding_attention")}
+STACKS = {"g": ("full_attention",), "gg": ("full_attention",) * 2, "gl": ("full_attention", "sliding_attention"),
+          "gll": ("full_attention", "sliding_attention", "sliding_attention")}
 GLOBAL_LAYERS, LOCAL_LAYERS = 8, 14                    # ModernBERT-base: every 3rd of 22 layers, layer 0 included
 METRICS = ("ops", "transpose", "matmul", "flops", "written", "read", "weights", "size")
 
@@ -35,7 +37,7 @@ def two_tables(self, input_ids, table=None):
 
 
 def count(stack: tuple, form: str, length: int, folder: Path, tied: bool = True) -> dict:
-    """The additive counts of one converted stack."""
+    """The additive counts of one converted stack (a package already in `folder` is counted again, not rebuilt)."""
     import torch
     import convert
     import package_cost
@@ -45,16 +47,17 @@ def count(stack: tuple, form: str, length: int, folder: Path, tied: bool = True)
     model = ModernBert(config, "fill-mask").eval()
     model.decoder.weight.data = model.embeddings.tok_embeddings.weight.data[:, :, None, None].clone()   # tied
     model.set_local_attention(form)
-    forward = Embeddings.forward
-    if not tied:
-        Embeddings.forward = two_tables
-    try:
-        mlmodel = convert.to_mlprogram(convert.trace(model, length), "fill-mask", [length], "macOS15")
-    finally:
-        Embeddings.forward = forward
     package = folder / f"{form}-{length}-{''.join(s[0] for s in stack)}-{'tied' if tied else 'two'}.mlpackage"
-    mlmodel.save(str(package))
-    del mlmodel
+    if not package.exists():
+        forward = Embeddings.forward
+        if not tied:
+            Embeddings.forward = two_tables
+        try:
+            mlmodel = convert.to_mlprogram(convert.trace(model, length), "fill-mask", [length], "macOS15")
+        finally:
+            Embeddings.forward = forward
+        mlmodel.save(str(package))
+        del mlmodel
     summary = package_cost.summarize(package_cost.op_costs(package_cost.Program(package)))
     by_type = summary["ops_by_type"]
     return {"ops": summary["ops"], "transpose": by_type.get("transpose", 0),
@@ -66,8 +69,8 @@ def count(stack: tuple, form: str, length: int, folder: Path, tied: bool = True)
 
 def scaled(c: dict) -> dict:
     """22 layers from the three stacks (module docstring)."""
-    return {k: c["g"][k] + (GLOBAL_LAYERS - 1) * (c["gg"][k] - c["g"][k]) + LOCAL_LAYERS * (c["gl"][k] - c["g"][k])
-            for k in METRICS}
+    return {k: c["gl"][k] + (GLOBAL_LAYERS - 1) * (c["gg"][k] - c["g"][k])
+            + (LOCAL_LAYERS - 1) * (c["gll"][k] - c["gl"][k]) for k in METRICS}
 
 
 def main() -> None:
@@ -95,7 +98,8 @@ def main() -> None:
             rows.append((length, form, scaled(c)))
             print(f"counted {form} at {length}", file=sys.stderr, flush=True)
         if local_attention_bytes is not None and len(per_form) == 2:
-            measured = per_form["masked"]["gl"]["written"] - per_form["blockwise"]["gl"]["written"]
+            measured = ((per_form["masked"]["gll"]["written"] - per_form["masked"]["gl"]["written"])
+                        - (per_form["blockwise"]["gll"]["written"] - per_form["blockwise"]["gl"]["written"]))
             estimate = [local_attention_bytes(form, length, base.hidden_size, base.num_attention_heads,
                                               base.window_radius) for form in ("masked", "blockwise")]
             estimates.append((length, measured, estimate[0] - estimate[1]))
