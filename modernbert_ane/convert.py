@@ -30,7 +30,7 @@ from modernbert_ane.evaluation import (EVAL_TEXTS, cosine_metrics, distribution_
                         reference_model, reference_outputs, tokenize)
 from modernbert_ane.coreml.package import (PROJECT_VERSION, PackageRunner, function_description, package_inputs,
                        package_spec, save_spec, write_metadata, written_by_convert)
-from modernbert_ane.model import NORM_KINDS, ModernBert
+from modernbert_ane.model import NORM_KINDS, ModernBert, local_attention_bytes
 from modernbert_ane.tasks import COSINE_TASKS, OUTPUT_NAMES, POOLED_TASKS, SPECS
 from modernbert_ane.output_files import Ours, check_output as check_output_file, publish, staging_folder
 from modernbert_ane.coreml.cost import metadata_entry, package_costs
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum OS (default macOS15 = iOS18 ops; macOS14/iOS17 only for a single --seq-len)")
     p.add_argument("--local-attention", choices=("auto", "masked", "blockwise"), default="auto",
                    help="sliding-window layers: blockwise (O(S*window), lengths multiples of the window radius) "
-                        "or masked (an S x S mask); auto: blockwise when it fits and S > 2 windows")
+                        "or masked (an S x S mask); auto: blockwise when it fits and the S x S form writes more bytes "
+                        "(from 832 tokens at base size)")
     cli.add_query_chunk(p)
     p.add_argument("--max-texts", type=int, default=1, metavar="K",
                    help="pack up to K texts into one prediction (attention_mask carries segment ids; default 1)")
@@ -174,13 +175,17 @@ def validate(args) -> list[int]:
 
 
 def local_attention_kind(choice: str, config, lengths: list[int]) -> str:
+    """auto: blockwise where it fits (every length a multiple of the radius) and the S x S form would write
+    more bytes at the largest length (model.local_attention_bytes; the largest length bounds memory)."""
     radius = config.window_radius
     fits = all(n % radius == 0 for n in lengths)
     if choice == "blockwise" and not fits:
         raise UserError(f"--local-attention blockwise needs every --seq-len to be a multiple of the window "
                         f"radius {radius}")
     if choice == "auto":
-        return "blockwise" if fits and max(lengths) > 2 * config.local_attention else "masked"
+        sizes = {form: local_attention_bytes(form, max(lengths), config.hidden_size, config.num_attention_heads,
+                                             radius) for form in ("masked", "blockwise")}
+        return "blockwise" if fits and sizes["masked"] > sizes["blockwise"] else "masked"
     return choice
 
 
@@ -285,20 +290,24 @@ def compress_weights(mlmodel, model: ModernBert, mode: str, embedding_gain: floa
     massive channels: one int8 scale per output row, or one palette per group of rows, would round every
     other entry of the row to zero). The token embeddings stay float16 too when the embedding norm's
     weight is large (checkpoints with massive activations): the norm multiplies their rounding error by
-    that weight, thousands on the massive channels."""
+    that weight, thousands on the massive channels; a tied decoder reads the same constant
+    (ModernBert.tied_decoder), so it stays float16 with them (still smaller than a float16 table plus an
+    int8 decoder)."""
     import coremltools.optimize.coreml as cto
     ops = mlmodel._mil_program.functions["main"].operations
     keep = {op.name: None for op in ops if op.op_type == "gather"
             and tuple(op.inputs["x"].shape) == (model.config.max_position_embeddings, model.config.head_dim)}
     if embedding_gain > EMBEDDING_GAIN_LIMIT:
-        print(f"      token embeddings kept in float16: the embedding norm's weight reaches {embedding_gain:.0f}",
-              file=sys.stderr)
-        keep.update({op.name: None for op in ops if op.op_type == "gather"
-                     and tuple(op.inputs["x"].shape) == (model.config.vocab_size, model.config.hidden_size)})
+        tied = " (and the tied decoder, which reads the same constant)" if model.tied_decoder else ""
+        print(f"      token embeddings{tied} kept in float16: the embedding norm's weight reaches "
+              f"{embedding_gain:.0f}", file=sys.stderr)
+        tables = [op.inputs["x"] for op in ops if op.op_type == "gather"
+                  and tuple(op.inputs["x"].shape) == (model.config.vocab_size, model.config.hidden_size, 1, 1)]
+        keep.update({child.name: None for table in tables for child in table.child_ops})   # gather and tied conv
     keep.update({op.name: None for op in ops if op.op_type == "conv"
                  and any(part in op.inputs["weight"].name for part in ("embeddings_proj", "final_proj"))})
-    config = cto.OptimizationConfig(op_type_configs={"conv": compression_config(mode),
-                                                     "gather": compression_config(mode)}, op_name_configs=keep)
+    config = compression_config(mode)                     # one object: the tied table's gather and conv must agree
+    config = cto.OptimizationConfig(op_type_configs={"conv": config, "gather": config}, op_name_configs=keep)
     if mode == "int8":
         return cto.linear_quantize_weights(mlmodel, config)
     return cto.palettize_weights(mlmodel, config)
@@ -307,11 +316,12 @@ def compress_weights(mlmodel, model: ModernBert, mode: str, embedding_gain: floa
 def simulate_compression(model: ModernBert, mode: str, embedding_gain: float) -> None:
     """Round model.py's weights (in place) the way `--compress mode` stores them, so the float16 strategy is
     measured with them: the weights compress_weights compresses (every conv but the rotation's two, the token
-    embeddings unless the embedding norm's weight is large), int8 per output channel, symmetric; palettes from
+    embeddings and a tied decoder unless the embedding norm's weight is large), int8 per output channel, symmetric; palettes from
     kmeans_palette per group of PALETTE_GROUP output channels (rows). A simulation of coremltools' rounding
     (its int8 range and scales may differ in the last bit): good enough to rank strategies."""
-    weights = [m.weight for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Conv2d) and name not in ("embeddings.proj", "final_proj")]
+    kept = ("embeddings.proj", "final_proj") + (("decoder",) if embedding_gain > EMBEDDING_GAIN_LIMIT
+                                                and model.tied_decoder else ())   # it reads the embeddings' constant
+    weights = [m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and name not in kept]
     if embedding_gain <= EMBEDDING_GAIN_LIMIT:
         weights.append(model.embeddings.tok_embeddings.weight)
     for weight in weights:

@@ -302,10 +302,11 @@ class Attention(nn.Module):
         if self.block:
             return self.Wo(self.blockwise(q, k, v, mask_bias))                 # (B, C, 1, S)
         chunk = self.query_chunk or S
+        kt = k.transpose(1, 3)                                                 # (B, S, 1, C): one transpose per layer
         outs = []
         for h in range(self.heads):                                            # ANE: one einsum pair per head
             sl = slice(h * self.head_dim, (h + 1) * self.head_dim)
-            kh = k[:, sl].transpose(1, 3)                                      # (B, S, 1, D)
+            kh = kt[..., sl]                                                   # (B, S, 1, D): a slice, not a transpose
             vh = v[:, sl]                                                      # (B, D, 1, S)
             parts = []
             for s in range(0, S, chunk):
@@ -325,16 +326,38 @@ class Attention(nn.Module):
         does not take this blocked form."""
         B, C, _, S = q.shape
         b = self.block
-        qb = q.reshape(B, C, S // b, b)                                        # (B, C, nb, b): blocks on the H axis
-        kb, vb = neighbour_blocks(k, b), neighbour_blocks(v, b)                # (B, C, nb, 3b)
+        # op count: q, k and v permuted once per layer, each head a channel slice of them (not 3 transposes a head)
+        qb = q.reshape(B, C, S // b, b).permute(0, 2, 3, 1)                    # (B, nb, b, C): blocks on the H axis
+        kb = neighbour_blocks(k, b).permute(0, 2, 1, 3)                        # (B, nb, C, 3b)
+        vb = neighbour_blocks(v, b).permute(0, 2, 3, 1)                        # (B, nb, 3b, C)
         outs = []
         for h in range(self.heads):
             sl = slice(h * self.head_dim, (h + 1) * self.head_dim)
-            scores = qb[:, sl].permute(0, 2, 3, 1) @ kb[:, sl].permute(0, 2, 1, 3)   # (B, nb, b, 3b)
+            scores = qb[..., sl] @ kb[:, :, sl]                                # (B, nb, b, 3b)
             w = (scores + mask_bias).softmax(dim=3)
-            outs.append(w @ vb[:, sl].permute(0, 2, 3, 1))                     # (B, nb, b, D)
+            outs.append(w @ vb[..., sl])                                       # (B, nb, b, D)
         # op count: the heads joined first, then one transpose for the layer, not one per head
         return torch.cat(outs, dim=3).permute(0, 3, 1, 2).reshape(B, C, 1, S)  # (B, nb, b, C) -> (B, C, 1, S)
+
+
+def local_attention_bytes(form: str, length: int, hidden: int, heads: int, radius: int) -> int:
+    """Bytes (float16) the attention core of one sliding-window layer writes at `length` tokens, from the
+    roped q, k, v to the heads' concat: an estimate counted by hand from the ops Attention emits in each
+    form (S = length, C = hidden, H = heads, b = radius; bench/bench_attention_forms.py sets it beside
+    package_cost's count of saved packages):
+    - "masked": per head three S x S tensors (scores, masked scores, softmax); 6 C x S besides (K transposed,
+      the heads' q, k, v slices and outputs, their concat);
+    - "blockwise": per head three (S/b, b, 3b) tensors, 9 b S in all; 35 C x S + 8 C b besides (q in blocks, k
+      and v padded, reshaped, sliced into 3 neighbour blocks and joined, three permutes, the heads' slices
+      of 3b keys, their outputs, concat, permute and reshape back).
+    What convert.py's `--local-attention auto` compares: at base size (768 wide, 12 heads, window 128) the
+    S x S form writes less up to 768 tokens, blockwise from 832 (6.5 windows)."""
+    S, C, H, b = length, hidden, heads, radius
+    if form == "masked":
+        return 2 * (3 * H * S * S + 6 * C * S)
+    if form == "blockwise":
+        return 2 * (9 * H * b * S + 35 * C * S + 8 * C * b)
+    raise ValueError(f"unknown local attention '{form}' (masked or blockwise)")
 
 
 def neighbour_blocks(x, b: int):
@@ -384,10 +407,16 @@ class Embeddings(nn.Module):
         self.norm = LayerNorm(config.hidden_size, config.norm_eps, config.norm_bias, "embeddings.norm")
         self.proj = None              # set by rotations/: the norm's weight, centring and rotation, as a conv
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, table=None):
         """(layer 0's attention input, the residual stream), both (B, C, 1, S). The same tensor unless
-        rotated: then layer 0 reads the normalized embedding, the stream its rotated projection."""
-        h = self.norm(self.tok_embeddings(input_ids).transpose(1, 2).unsqueeze(2))   # (B, C, 1, S)
+        rotated: then layer 0 reads the normalized embedding, the stream its rotated projection.
+        table: the (V, C, 1, 1) table to look tokens up in, when it is the tied decoder's conv weight
+        (ModernBert.tied_decoder): the package then stores one V x C constant, read by the gather and the conv."""
+        B, S = input_ids.shape
+        if table is None:      # the decoder conv's layout in every task: a multi-function package shares the table
+            table = self.tok_embeddings.weight[:, :, None, None]                   # (V, C, 1, 1)
+        e = table.index_select(0, input_ids.reshape(-1))                           # (B*S, C, 1, 1): rank 4, not 5
+        h = self.norm(e.reshape(B, S, -1, 1).permute(0, 2, 3, 1))                  # (B, C, 1, S)
         x = h if self.proj is None else self.proj(h)                                # (B, C, 1, S)
         return h, probe("embeddings", x)
 
@@ -466,6 +495,17 @@ class ModernBert(nn.Module):
             cos, sin = rope_tables(theta, config.head_dim, config.max_position_embeddings)
             self.register_buffer(f"{kind}_cos", cos, persistent=False)        # (L, D)
             self.register_buffer(f"{kind}_sin", sin, persistent=False)
+
+    @property
+    def tied_decoder(self) -> bool:
+        """Whether the decoder's weight is the token-embedding table (transformers ties them; rotations/ leave
+        both in the original basis; compression rounds their rows alike): then the embeddings gather from the
+        decoder's (V, C, 1, 1) conv weight and the package stores the table once. The decoder stays a 1x1 conv
+        (the ANE's fastest op, channels-first logits) rather than a matmul on the (V, C) table, which would
+        drop the conv for an op it runs less well; the gather reads the rank-4 table with flattened ids, so
+        nothing is rank 5."""
+        return self.task == "fill-mask" and torch.equal(self.decoder.weight[:, :, 0, 0],
+                                                        self.embeddings.tok_embeddings.weight)
 
     @property
     def pooling(self) -> str:
@@ -552,7 +592,7 @@ class ModernBert(nn.Module):
         """The encoder's output (B, C, 1, S), transformers' last hidden state (rotated models undo their
         rotation in final_proj)."""
         S = input_ids.shape[1]
-        h, x = self.embeddings(input_ids)                                      # 2 x (B, C, 1, S)
+        h, x = self.embeddings(input_ids, self.decoder.weight if self.tied_decoder else None)   # 2 x (B, C, 1, S)
         global_bias, local_bias = self.mask_biases(attention_mask, x.dtype)
         rope = {kind: self.rope(kind, positions, S, x.dtype) for kind in ("global", "local")}
         for i, block in enumerate(self.layers):

@@ -253,9 +253,42 @@ def test_int8_compression(packages, checkpoint_factory, outliers):
     ratio = weights_bytes(int8) / weights_bytes(fp16)
     assert ratio < (0.75 if outliers else 0.6), ratio            # outliers: token embeddings stay float16
     assert read_metadata(int8)["compress"] == "int8"
+    assert len(vocab_tables(int8)) == 1          # the tied decoder shares the table (outliers: both float16)
     ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[7]], LONG, fixed_length=True)
     ours, ref = emulate(int8, ids, mask), transformers_logits(folder, ids, mask)
     assert distribution_metrics(ref[0], ours[0])["top1_agreement"] >= 0.98
+
+
+def vocab_tables(package, function=None) -> dict:
+    """name -> stored bytes of every constant of a function shaped (vocab, hidden, ...): token table, decoder."""
+    from modernbert_ane.coreml.cost import Program
+    program = Program(package, function)
+    V = read_metadata(package)["vocab_size"]
+    return {name: stored for name, stored in program.const_bytes.items()
+            if tuple(program.types[name][1] or ())[:2] == (V, CONFIGS["tiny"]["hidden_size"])}
+
+
+def test_tied_decoder_is_stored_once(packages, checkpoint_factory, tmp_path, monkeypatch):
+    """A tied fill-mask package (rotated: the rotation leaves the table unrotated) holds one V x C constant,
+    read by the gather and the decoder conv: V * C * 2 bytes less than the two-table layout, same logits."""
+    from modernbert_ane.model import Embeddings
+
+    def two_tables(self, input_ids, table=None):      # the layout before: the gather reads a (V, C) table
+        h = self.norm(self.tok_embeddings(input_ids).transpose(1, 2).unsqueeze(2))   # (B, C, 1, S)
+        return h, h if self.proj is None else self.proj(h)
+    folder = checkpoint_factory("tiny")
+    once, _ = packages("hadamard-tied", folder, "--seq-len", LONG, "--rotation", "hadamard", "--skip-check")
+    with monkeypatch.context() as m:
+        m.setattr(Embeddings, "forward", two_tables)
+        twice = tmp_path / "twice.mlpackage"
+        assert run_convert([folder, "-o", twice, "--seq-len", LONG, "--rotation", "hadamard", "--skip-check"])[0] == 0
+    V = json.loads((folder / "config.json").read_text())["vocab_size"]
+    assert list(vocab_tables(once).values()) == [V * CONFIGS["tiny"]["hidden_size"] * 2]     # float16
+    assert len(vocab_tables(twice)) == 2
+    saved = weights_bytes(twice) - weights_bytes(once)
+    assert V * CONFIGS["tiny"]["hidden_size"] * 2 <= saved <= V * CONFIGS["tiny"]["hidden_size"] * 2 + 64   # + a blob header
+    ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[7]], LONG, fixed_length=True)
+    assert np.array_equal(emulate(once, ids, mask), emulate(twice, ids, mask))
 
 
 def program_summary(mlmodel) -> collections.Counter:
@@ -270,7 +303,7 @@ def program_summary(mlmodel) -> collections.Counter:
 
 
 @pytest.mark.parametrize("config, task, lengths, options", [
-    ("tiny", "fill-mask", [16, LONG], {}),                     # two lengths, blockwise local layers
+    ("tiny", "fill-mask", [16, LONG], {"local_attention": "blockwise"}),     # two lengths, blockwise local layers
     ("tiny", "fill-mask", [SHORT], {}),                        # masked local layers
     ("biased", "classify", [LONG], {"max_texts": 4, "query_chunk": 16}),     # packing, chunked global queries
     ("odd", "token-classify", [LONG], {}),
@@ -284,13 +317,26 @@ def test_dropped_passes_would_change_nothing(checkpoint_factory, config, task, l
     rotate_model(model, "hadamard", 0)
     if options.get("query_chunk"):
         model.set_query_chunk(options["query_chunk"])
-    model.set_local_attention(convert.local_attention_kind("auto", model.config, lengths))
+    model.set_local_attention(convert.local_attention_kind(options.get("local_attention", "auto"), model.config,
+                                                           lengths))
     traced = convert.trace(model, lengths[-1])
     ct = convert.import_coremltools()
     ours = convert.to_mlprogram(traced, model.task, lengths, "macOS15")
     default = convert.to_mlprogram(traced, model.task, lengths, "macOS15", passes=ct.PassPipeline.DEFAULT)
     assert set(convert.DROPPED_PASSES) <= set(ct.PassPipeline.DEFAULT.passes)
     assert program_summary(ours) == program_summary(default)
+
+
+def test_auto_local_attention_follows_the_byte_counts():
+    """auto: blockwise where it fits and the S x S form writes more (model.local_attention_bytes): at base
+    size (window 128) from 832 tokens; the largest of several lengths decides; never where it does not fit."""
+    from modernbert_ane.model import ModernBertConfig
+    base = ModernBertConfig()
+    kinds = [convert.local_attention_kind("auto", base, [n]) for n in (256, 512, 768, 832, 2048, 8192)]
+    assert kinds == ["masked"] * 3 + ["blockwise"] * 3
+    assert convert.local_attention_kind("auto", base, [128, 512, 8192]) == "blockwise"
+    assert convert.local_attention_kind("auto", base, [8100]) == "masked"          # not a multiple of the radius
+    assert convert.local_attention_kind("masked", base, [8192]) == "masked"
 
 
 def test_kmeans_palette_is_nearest_and_exact_on_few_values():
@@ -325,6 +371,7 @@ def test_palettized_packages(packages, checkpoint_factory, nbits):
     # palette per 32 rows: at hidden size 64 the 8-bit palettes are a quarter of their weights (at 768, 3%)
     assert ratio < {4: 0.4, 8: 0.7}[nbits], ratio
     assert read_metadata(palettized)["compress"] == f"palettize{nbits}"
+    assert len(vocab_tables(palettized)) == 1
     assert program_op_types(palettized).get("constexpr_lut_to_dense", 0) >= 4 * CONFIGS["tiny"]["num_hidden_layers"]
     ids, mask = tokenize(build_tokenizer(), [EVAL_TEXTS[7]], LONG, fixed_length=True)
     ours, ref = emulate(palettized, ids, mask), transformers_logits(folder, ids, mask)
@@ -380,6 +427,7 @@ def test_multi_function_package_stores_the_encoder_once(packages, checkpoint_fac
     multi, _ = packages("multi", folder, "--seq-len", SHORT, LONG, "--task", "fill-mask", "embed")
     assert weights_bytes(multi) <= weights_bytes(single) * 1.01, (weights_bytes(multi), weights_bytes(single))
     assert read_metadata(multi)["function_names"] == ["fill_mask", "embed"]
+    assert len(vocab_tables(multi, "fill_mask")) == 1 and len(vocab_tables(multi, "embed")) == 1   # one shape: shared
     for function, task, output in (("fill_mask", "fill-mask", "logits"), ("embed", "embed", "embeddings")):
         meta = read_metadata(multi, function)
         assert (meta["function"], meta["task"], meta["output"]) == (function, task, output)

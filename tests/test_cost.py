@@ -70,6 +70,10 @@ def test_fixed_length_package_matches_hand_counts(tiny_packages):
     # the embedding table is read by the gather, once: V x C float16
     gather = [c for c in costs if c.op_type == "gather" and c.weights]
     assert sum(sum(c.weights.values()) for c in gather) == 2 * V * C
+    decoder = next(c for c in costs if c.op_type == "conv" and c.shape[1] == V)
+    assert set(gather[0].weights) <= set(decoder.weights)          # the tied decoder's own constant: stored once
+    # K transposed once per layer; besides, the looked-up embeddings to (1, C, 1, S) and the logits to (1, S, V)
+    assert package_cost.summarize(costs)["ops_by_type"]["transpose"] == L + 2
 
 
 def test_flexible_package_counts_each_length_on_the_emulator(tiny_packages):

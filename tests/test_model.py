@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from modernbert_ane.checkpoint import CheckpointError, resolve_checkpoint
 from checkpoints import CONFIGS, TASK_CLASSES, _trained_tokenizer_json, build_sentence_transformers, build_tokenizer
 from modernbert_ane.evaluation import EVAL_TEXTS, reference_model, sentence_embeddings, tokenize
-from modernbert_ane.model import MASK_FILL, NORM_KINDS, ActivationProbe, LayerNorm, ModernBert, ModernBertConfig, RMSNorm, default_task
+from modernbert_ane.model import (MASK_FILL, NORM_KINDS, ActivationProbe, LayerNorm, ModernBert, ModernBertConfig, RMSNorm,
+                                  default_task, local_attention_bytes)
 
 TOL = 1e-4
 
@@ -149,6 +150,29 @@ def test_tied_decoder_falls_back_to_embeddings(checkpoint_factory):
     assert "decoder.weight" not in tensors          # save_pretrained drops the tied weight
     model, _ = ModernBert.from_pretrained(str(checkpoint_factory("tiny", "fill-mask")))
     assert torch.equal(model.decoder.weight[:, :, 0, 0], model.embeddings.tok_embeddings.weight)
+
+
+def test_tied_decoder_gathers_from_the_decoder_weight(checkpoint_factory, monkeypatch):
+    """A tied checkpoint's embeddings read the decoder's (V, C, 1, 1) weight (one constant in the package)
+    and compute what nn.Embedding computes; a rotation keeps the tie; an untied decoder is its own."""
+    from modernbert_ane.rotations import rotate_model
+    model, _ = ModernBert.from_pretrained(str(checkpoint_factory("tiny", "fill-mask")))
+    ids, mask = batch(48, EVAL_TEXTS[:2])
+    tables, forward = [], model.embeddings.forward
+    monkeypatch.setattr(model.embeddings, "forward", lambda i, table=None: tables.append(table) or forward(i, table))
+    with torch.no_grad():
+        model(ids, mask)
+        h_tied, _ = forward(ids, model.decoder.weight)
+        h_own, _ = forward(ids)
+        expected = model.embeddings.norm(model.embeddings.tok_embeddings(ids).transpose(1, 2).unsqueeze(2))
+    assert model.tied_decoder and tables == [model.decoder.weight]
+    assert torch.equal(h_tied, expected) and torch.equal(h_own, expected)     # (B, C, 1, S), the same lookup
+    rotate_model(model, "hadamard", 0)
+    assert model.tied_decoder                          # rotations/ leave the table and the decoder unrotated
+    untied = checkpoint_factory("tiny", "fill-mask", config_overrides={"tie_word_embeddings": False})
+    assert "decoder.weight" in load_file(str(untied / "model.safetensors"))
+    assert not ModernBert.from_pretrained(str(untied))[0].tied_decoder
+    assert not ModernBert.from_pretrained(str(checkpoint_factory("tiny", "fill-mask")), task="encoder")[0].tied_decoder
 
 
 def test_sharded_safetensors(checkpoint_factory, tmp_path):
@@ -290,6 +314,19 @@ def test_blockwise_local_attention_is_exact(checkpoint_factory, config):
         ours = model(ids, mask)
         ref = reference_model(ckpt, "fill-mask")(input_ids=ids, attention_mask=mask).logits
     assert masked_max_diff(ref, ours, mask) <= TOL
+
+
+def test_local_attention_bytes_by_hand():
+    """S=4, C=8, H=2, b=2: masked 3 H S^2 + 6 C S = 96 + 192 elements; blockwise 9 H b S + 35 C S + 8 C b =
+    144 + 1120 + 128; two bytes each. Quadratic against linear: the S x S form loses beyond a crossover."""
+    assert local_attention_bytes("masked", 4, 8, 2, 2) == 2 * (96 + 192)
+    assert local_attention_bytes("blockwise", 4, 8, 2, 2) == 2 * (144 + 1120 + 128)
+    base = dict(hidden=768, heads=12, radius=64)
+    masked_wins = [n for n in range(64, 8193, 64)
+                   if local_attention_bytes("masked", n, **base) <= local_attention_bytes("blockwise", n, **base)]
+    assert masked_wins == list(range(64, 769, 64))                   # blockwise from 832 tokens at base size
+    with pytest.raises(ValueError, match="unknown local attention"):
+        local_attention_bytes("dense", 4, 8, 2, 2)
 
 
 def test_blockwise_local_attention_with_packing(checkpoint_factory):
