@@ -30,7 +30,7 @@ from evaluation import (COSINE_TASKS, EVAL_TEXTS, cosine_metrics, distribution_m
                         reference_model, reference_outputs, tokenize)
 from mlpackage import (BACKENDS, OUTPUT_NAMES, PROJECT_VERSION, PackageRunner, function_description, package_inputs,
                        package_spec, save_spec, write_metadata, written_by_convert)
-from model import NORM_KINDS, POOLED_TASKS, TASKS, ModernBert
+from model import NORM_HELP, NORM_KINDS, POOLED_TASKS, TASKS, ModernBert
 from output_files import Ours, check_output as check_output_file, publish, staging_folder
 from package_cost import metadata_entry, package_costs
 from quiet_coremltools import import_coremltools
@@ -72,9 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "hadamard with a safe norm, none with l2eps) in float16 on the evaluation texts against "
                         "float32 transformers and convert the best")
     p.add_argument("--norm", choices=NORM_KINDS,
-                   help="form of every norm: fused (one layer_norm op; overflows with massive activations), safe "
-                        "(scaled by max|x| before squaring), l2eps (L2 norm with an epsilon channel); default: "
-                        "measured with --rotation auto, safe otherwise")
+                   help=NORM_HELP + "; default: measured with --rotation auto, safe otherwise")
     p.add_argument("--seed", type=int, default=0, help="rotation seed (default 0)")
     p.add_argument("--deployment-target", choices=sorted(TARGETS), default="macOS15",
                    help="minimum OS (default macOS15 = iOS18 ops; macOS14/iOS17 only for a single --seq-len)")

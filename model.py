@@ -175,6 +175,8 @@ def conv1x1(c_in: int, c_out: int, bias: bool) -> nn.Conv2d:
 
 
 NORM_KINDS = ("fused", "safe", "l2eps")
+NORM_HELP = ("form of every norm: fused (one layer_norm op; overflows with massive activations), safe (scaled by "
+             "max|x| before squaring), l2eps (L2 norm with an epsilon channel)")      # --norm of convert, diff_torch
 SAFE_TINY = 1e-3      # added to max|x| instead of a clamp: a clamp inside a norm hit a Neural Engine bug in a peer port
 
 
