@@ -77,9 +77,9 @@ def add_backend(p, check: bool = False) -> None:
                    help="Core ML: compile the package again instead of reusing the compiled copy in the cache")
 
 
-def add_strategy(p, rotations, default: str, norms=None) -> None:
-    """The float16 strategy: rotation, seed and (given `norms`) the norm form (convert: auto by default;
-    diff_torch: one to look at)."""
+def add_strategy(p, rotations, default: str, norms=None, norm_default: str = "") -> None:
+    """The float16 strategy: rotation, seed and (given `norms`) the norm form, `norm_default` saying what an absent
+    --norm means (convert: auto by default; diff_torch: one to look at)."""
     p.add_argument("--rotation", choices=rotations, default=default,
                    help=f"orthogonal rotation fused into the weights (identity: norms folded, stream centred, not "
                         f"rotated){'; auto: measure the candidate float16 strategies (none, identity or hadamard with a safe norm, none with l2eps) in float16 on the evaluation texts against float32 transformers and convert the best' if 'auto' in rotations else ''} (default {default})")
@@ -87,7 +87,7 @@ def add_strategy(p, rotations, default: str, norms=None) -> None:
         p.add_argument("--norm", choices=norms,
                        help="form of every norm: fused (one layer_norm op; overflows with massive activations), "
                             "safe (scaled by max|x| before squaring), l2eps (L2 norm with an epsilon channel); "
-                            "default: measured with --rotation auto, safe otherwise")
+                            f"default: {norm_default}")
     p.add_argument("--seed", type=int, default=0, help="rotation seed (default 0)")
 
 

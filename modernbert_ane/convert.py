@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fill_mask_128, fill_mask_512, ..., the weights stored once; predict.py picks the "
                         "smallest length that fits)")
     cli.add_task(p, several=True)
-    cli.add_strategy(p, ("auto",) + ROTATION_KINDS + (LEARNED,), default="auto", norms=NORM_KINDS)
+    cli.add_strategy(p, ("auto",) + ROTATION_KINDS + (LEARNED,), default="auto", norms=NORM_KINDS,
+                     norm_default="measured with --rotation auto, safe otherwise")
     p.add_argument("--rotation-steps", type=int, default=DEFAULT_STEPS, metavar="N",
                    help=f"--rotation learned: optimizer steps on the calibration texts (default {DEFAULT_STEPS})")
     p.add_argument("--deployment-target", choices=sorted(TARGETS), default="macOS15",

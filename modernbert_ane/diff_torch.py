@@ -2,6 +2,7 @@
 
     python diff_torch.py answerdotai/ModernBERT-base
     python diff_torch.py ./my-checkpoint --precision float16 --rotation hadamard --json r.json
+    python diff_torch.py ./my-checkpoint --precision float16 --rotation none --norm safe   # any float16 strategy
 
 Prints a per-module table (embeddings, a global block, a local block, the encoder, the head output),
 the largest absolute activation per layer (transformers' vs this model's residual stream, which is
@@ -24,7 +25,7 @@ from modernbert_ane.evaluation import (EVAL_TEXTS, Accounting, check_gates, comp
                         merge_compare_rows, output_measure, overflow_metrics, reference_model, reference_outputs,
                         residual_peaks, tokenize, valid_rows)
 from modernbert_ane.checkpoint import check_rotation, resolve_checkpoint
-from modernbert_ane.model import ActivationProbe, ModernBert
+from modernbert_ane.model import NORM_KINDS, ActivationProbe, ModernBert
 from modernbert_ane.tasks import POOLED_TASKS
 from modernbert_ane.report import write_report
 from modernbert_ane.rotations import ROTATION_KINDS, rotate_model
@@ -38,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_task(p)
     p.add_argument("--precision", choices=("float32", "float16"), default="float32",
                    help="run this model in float16 (every op, as on the Neural Engine) to see what float16 does")
-    cli.add_strategy(p, ROTATION_KINDS, default="hadamard")
+    cli.add_strategy(p, ROTATION_KINDS, default="hadamard", norms=NORM_KINDS,
+                     norm_default="the checkpoint's own forms (transformers' fused LayerNorm, the safe RMSNorm a "
+                                  "rotation makes)")
     p.add_argument("--max-length", type=int, default=512, help="tokens per evaluation text at most")
     cli.add_query_chunk(p)
     cli.add_report_outputs(p, "activations per layer before/after the rotation, KL per token, metrics")
@@ -142,7 +145,8 @@ def write_torch_report(args, argv, ckpt, model, metrics, probe, before, accounti
     else:
         peaks = {f"before rotation: model.py unrotated, {args.precision}": before.max_abs, **peaks}
     facts = {"checkpoint": ckpt.source, "task": model.task,
-             "this model": f"model.py, {args.precision}, rotation {args.rotation} (seed {args.seed})",
+             "this model": f"model.py, {args.precision}, rotation {args.rotation} (seed {args.seed})"
+                           + (f", norm {args.norm}" if args.norm else ""),
              "reference": "transformers, float32",
              "texts": f"{len(EVAL_TEXTS)} evaluation texts, {tokens} tokens, up to {longest} per text",
              "command": shlex.join(["python", "diff_torch.py", *argv])}
@@ -193,6 +197,9 @@ def main(argv) -> int:
     if args.rotation != "none":
         print(f"rotating ({args.rotation}, seed {args.seed}) ...", file=sys.stderr)
         rotate_model(model, args.rotation, args.seed)
+    for m in (model, unrotated):
+        if m is not None and args.norm:
+            m.set_norm(args.norm)
     dtype = torch.float16 if args.precision == "float16" else torch.float32
     for m in (model, unrotated):
         if m is not None and args.query_chunk:
@@ -217,7 +224,8 @@ def main(argv) -> int:
     metrics.update(overflow_metrics(probe))
     gates = gate_results(metrics, args.max_kl, args.max_score_error)
     layers = layer_rows(model, ref_peaks, probe)
-    print(f"\n{ckpt.source}: task {model.task}, {args.precision}, rotation {args.rotation}\n")
+    print(f"\n{ckpt.source}: task {model.task}, {args.precision}, rotation {args.rotation}"
+          + (f", norm {args.norm}" if args.norm else "") + "\n")
     print(format_table(modules, ["module", "max_abs_diff", "rel_diff", "cosine_min", "max_abs_ref", "max_abs"]))
     print("\nlargest absolute activation per layer (residual stream; this model's is rotated unless --rotation none)")
     print(format_table(layers, ["layer", "kind", "max_abs_ref", "max_abs"]))
@@ -228,7 +236,8 @@ def main(argv) -> int:
         print(format_gates(gates))
     if args.json:
         cli.write_json(args.json, {**metrics, "model": ckpt.source, "task": model.task, "precision": args.precision,
-                               "rotation": args.rotation, "seed": args.seed, "tokens": sum(lengths),
+                               "rotation": args.rotation, "seed": args.seed, "norm": args.norm,
+                               "tokens": sum(lengths),
                                "modules": modules, "layers": layers, "texts": accounting.text_rows(), "gates": gates},
                    force=args.force, script="diff_torch")
         print(f"\nwrote {args.json}")

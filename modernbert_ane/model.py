@@ -8,7 +8,7 @@ Follows Apple's ml-ane-transformers recipe:
   fully masked rows;
 - norms reduce over the channel axis, in one of three forms (`set_norm`, NORM_KINDS): "fused" (one
   layer_norm op, squares overflow float16 beyond 256), "safe" (divided by max|x| first: nothing squared
-  exceeds 1, clamp-free) or "l2eps" (an L2 norm with an epsilon channel).
+  exceeds 4, clamp-free) or "l2eps" (an L2 norm with an epsilon channel).
 
 Numerics otherwise follow transformers' `modernbert` implementation exactly (float32 parity ~1e-6).
 """
@@ -172,18 +172,20 @@ def probing() -> bool:
     return ActivationProbe.active is not None and not torch.jit.is_tracing()
 
 
-def max_scale(x, factor: float = 1.0):
-    """factor * max|x| over channels plus a tiny constant, (B, 1, 1, S): what a safe norm divides by first.
-    Clamp-free: the constant keeps it > 0 (a zero token gives 0) and eps / m^2 <= 10 finite."""
-    return x.abs().amax(dim=1, keepdim=True) * factor + SAFE_TINY
+def max_scale(x):
+    """max|x| over channels plus a tiny constant, (B, 1, 1, S): what a safe norm divides by first (no
+    factor: any multiple of a max beyond 32752 would overflow float16 itself). Clamp-free: the constant
+    keeps it > 0 (a zero token gives 0) and eps / m^2 <= 10 finite."""
+    return x.abs().amax(dim=1, keepdim=True) + SAFE_TINY
 
 
 def scaled_rms(x, xs, m, eps: float, name: str):
-    """x / sqrt(mean(x^2) + eps), its statistics taken from xs = x / m with |xs| <= 1: every square <= 1 in
-    float16. Exact in real arithmetic: x / sqrt(mean(x^2) + eps) == x * (rsqrt(mean(xs^2) + eps / m^2) / m)
-    for any m > 0. The output multiplies x itself by that per-token scale, not xs: beside a massive value m
-    the small components of xs are float16 subnormals (|x| / 3e4 < 6.1e-5) with a few bits left."""
-    square = probe(f"{name}.square", xs * xs)                                    # (B, C, 1, S), <= 1
+    """x / sqrt(mean(x^2) + eps), its statistics taken from xs = x / m with |xs| <= 2 (1 for the RMSNorm, 2
+    for the LayerNorm's centred values): every square <= 4 in float16. Exact in real arithmetic:
+    x / sqrt(mean(x^2) + eps) == x * (rsqrt(mean(xs^2) + eps / m^2) / m) for any m > 0. The
+    output multiplies x itself by that per-token scale, not xs: beside a massive value m the small components
+    of xs are float16 subnormals (|x| / 3e4 < 6.1e-5) with a few bits left."""
+    square = probe(f"{name}.square", xs * xs)                                    # (B, C, 1, S), <= 4
     eps_scaled = eps / m / m                                                     # two divisions: m*m could overflow
     scale = torch.rsqrt(square.mean(dim=1, keepdim=True) + eps_scaled) / m      # (B, 1, 1, S)
     return x * scale                                                             # (B, C, 1, S)
@@ -208,8 +210,9 @@ class LayerNorm(nn.Module):
 
     - "fused" (transformers' arithmetic): mean, centre, mean of squares; coremltools fuses it into one
       layer_norm op. Its squares overflow float16 once a centred value exceeds 256 (massive activations);
-    - "safe": divided by 2 max|x| before centring, so every centred value is <= 1 and so is every square
-      (see scaled_rms); also the mean's sum stays <= C (several 3e4 channels would overflow it);
+    - "safe": divided by max|x| before centring, so every centred value is <= 2 and every square <= 4
+      (see scaled_rms); also the mean's sum stays <= C (several 3e4 channels would overflow it). Not
+      2 max|x|: beyond 32752 that scale itself overflows float16 (a trained model's 3.4e4 did);
     - "l2eps": centred, then the L2 norm with an epsilon channel (see l2_eps_rms).
     All three compute the same function in real arithmetic."""
 
@@ -221,11 +224,11 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         if self.kind == "safe":
-            # deviation from transformers: divided by m = 2 max|x| before the mean, exact in real arithmetic
-            m = max_scale(x, 2.0)                                                  # (B, 1, 1, S)
-            xs = x / m                                                             # (B, C, 1, S), |xs| <= 1/2
-            mean = xs.mean(dim=1, keepdim=True)                                    # (B, 1, 1, S), its sum <= C/2
-            out = scaled_rms(x - mean * m, xs - mean, m, self.eps, self.name)      # centred: |xs - mean| <= 1
+            # deviation from transformers: divided by m = max|x| before the mean, exact in real arithmetic
+            m = probe(f"{self.name}.scale", max_scale(x))                          # (B, 1, 1, S), <= 65504
+            xs = x / m                                                             # (B, C, 1, S), |xs| <= 1
+            mean = xs.mean(dim=1, keepdim=True)                                    # (B, 1, 1, S), its sum <= C
+            out = scaled_rms(x - mean * m, xs - mean, m, self.eps, self.name)      # centred: |xs - mean| <= 2
         elif self.kind == "l2eps":
             out = l2_eps_rms(x - x.mean(dim=1, keepdim=True), self.eps, self.name)
         else:

@@ -18,7 +18,7 @@ SCRIPTS = {"convert": convert, "predict": predict, "diff_torch": diff_torch, "di
 # the one name with two meanings: predict prints its results as JSON, the diff scripts write metrics to a file
 TWO_MEANINGS = {"--json"}
 # declared once with a parameter: convert takes several tasks and auto; what a function does and a report shows
-PARAMETERIZED = {"--task", "--rotation", "--function", "--report"}
+PARAMETERIZED = {"--task", "--rotation", "--function", "--report", "--norm"}
 
 
 def declared_flags(path: Path) -> list[str]:

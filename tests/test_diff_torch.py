@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from modernbert_ane import diff_torch
@@ -200,3 +199,17 @@ def test_report_shows_the_texts_and_the_gate(checkpoint_factory, tmp_path, capsy
     assert code == 0 and '<p class="gate pass">PASS: kl_mean' in page
     assert page.count('<p class="tokens">') == len(EVAL_TEXTS) and "Delimiter and ordinary tokens" in page
     assert "one panel per text" in page and re.search(r"Worst token: <b>“\[(CLS|SEP)\]” \(text \d, position", page)
+
+
+def test_norm_flag_measures_any_float16_strategy(checkpoint_factory, tmp_path, capsys):
+    """--rotation with --norm runs any strategy convert.py can build: unrotated, the fused LayerNorm's squares
+    overflow on planted outliers, the safe form's do not (and its output is closer to transformers)."""
+    folder = checkpoint_factory("tiny", outliers=True)
+    runs = {}
+    for norm in ("fused", "safe"):
+        code, m, out, _ = json_run([folder, "--precision", "float16", "--rotation", "none", "--norm", norm],
+                                   tmp_path, capsys, f"{norm}.json")
+        assert code == 0 and m["norm"] == norm and f"rotation none, norm {norm}" in out
+        runs[norm] = m
+    assert runs["fused"]["overflow_count"] > 0 and runs["fused"]["first_overflow"].endswith(".square")
+    assert runs["safe"]["overflow_count"] == 0 and runs["safe"]["kl_mean"] < runs["fused"]["kl_mean"] / 10

@@ -420,6 +420,20 @@ def test_safe_norms_survive_float16_where_fused_overflows():
     assert (outputs["fused"] - ref).abs().max() > 1                          # the overflow ruins the massive tokens
 
 
+@pytest.mark.parametrize("module", [lambda: LayerNorm(64, 1e-5, False, "n", "safe"), lambda: RMSNorm(1e-5, "n")])
+def test_safe_norms_scale_by_max_abs_itself(module):
+    """A massive value beyond 32752 (a trained model's MLP plant reaches 3.4e4): any multiple of max|x| (the
+    LayerNorm once divided by 2 max|x|) overflows float16 and NaNs the token, then everything attending to it."""
+    x = massive_input()
+    x[:, 5, :, :3] = 3.4e4
+    norm = module()
+    centred = x - x.mean(1, keepdim=True) if isinstance(norm, LayerNorm) else x       # (2, 64, 1, 8)
+    ref = centred / (centred.pow(2).mean(1, keepdim=True) + 1e-5).sqrt()
+    with ActivationProbe() as probe, torch.no_grad():
+        out = norm.half()(x.half()).double()
+    assert probe.overflow_count == 0 and (out - ref).abs().max() < 1e-2
+
+
 @pytest.mark.parametrize("module", [lambda: LayerNorm(64, 1e-5, False, "n", "safe"), lambda: RMSNorm(1e-5, "r")])
 def test_safe_norms_are_clamp_free_and_zero_safe(module):
     """A clamp inside a norm hit a Neural Engine bug in a peer port: the safe forms have none, and a token of

@@ -140,3 +140,31 @@ def test_without_rotation_a_safe_norm_beats_hadamard_on_delimiters(checkpoint_fa
     assert rows[("none", "safe")]["cosine_min"] >= 0.999
     assert rows[("none", "safe")]["cosine_min"] > rows[("hadamard", "safe")]["cosine_min"]
     assert strategy.choose(list(rows.values()), "encoder") is rows[("none", "safe")]
+
+
+def test_auto_under_int8_records_candidates_measured_with_int8_weights(checkpoint_factory, tmp_path):
+    """`convert.py --compress int8` (default --rotation auto) records each candidate's numbers as measured with
+    the int8-rounded weights (convert.simulate_compression), not the float16 ones: the rotated and unrotated
+    weights quantize differently, so the choice must see them."""
+    import functools
+    from modernbert_ane import convert
+    from modernbert_ane.checkpoint import resolve_checkpoint
+    from modernbert_ane.evaluation import reference_model, reference_outputs
+    from modernbert_ane.coreml.package import read_metadata
+    folder, package = checkpoint_factory("tiny", outliers=True), tmp_path / "int8.mlpackage"
+    with pytest.raises(SystemExit) as e:
+        run_cli(convert.main, [str(folder), "--seq-len", "32", "--compress", "int8", "--skip-check", "-o", str(package)])
+    assert e.value.code == 0
+    meta = read_metadata(package)
+    assert meta["strategy"]["compress"] == "int8" and meta["compress"] == "int8"
+    model, ckpt = load(folder), resolve_checkpoint(str(folder))
+    ids, mask = tokenize(build_tokenizer(), EVAL_TEXTS, 32)
+    reference = reference_outputs(reference_model(ckpt, "fill-mask"), "fill-mask", ids, mask, ckpt)["output"]
+    compress = functools.partial(convert.simulate_compression, mode="int8",
+                                 embedding_gain=float(model.embeddings.norm.weight.detach().abs().max()))
+    for row in meta["strategy"]["candidates"]:
+        int8 = strategy.measure(model, row["rotation"], row["norm"], 0, reference, ids, mask, compress)
+        plain = strategy.measure(model, row["rotation"], row["norm"], 0, reference, ids, mask)
+        assert row["kl_mean"] == strategy.rounded(int8["kl_mean"]) > 10 * plain["kl_mean"], (row, plain["kl_mean"])
+    chosen = strategy.choose(meta["strategy"]["candidates"], "fill-mask")
+    assert (meta["rotation"], meta["norm"]) == (chosen["rotation"], chosen["norm"])
