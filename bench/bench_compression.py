@@ -24,6 +24,7 @@ CHECKPOINTS = {
     "test-outliers": dict(config="tiny", outliers="embedding"),
     "test-mlp-outliers": dict(config="tiny", outliers="mlp"),
     "reference": dict(reference="fill-mask"),
+    "reference-outliers": dict(reference="fill-mask", outliers="embedding"),
     "reference-mlp-outliers": dict(reference="fill-mask", outliers="mlp"),
     "base": dict(config="base"),
 }

@@ -181,8 +181,8 @@ def test_existing_folder_needs_force_and_failures_leave_nothing(tmp_path, monkey
 
 
 def test_matplotlib_is_imported_only_when_drawing():
-    code = "import sys, report; assert 'matplotlib' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(report.__file__).parent)
+    code = "import sys, modernbert_ane.report; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(report.__file__).resolve().parents[1])
 
 
 def find_chromium() -> str | None:
