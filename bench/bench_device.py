@@ -13,7 +13,7 @@ Neural Engine, and every op that falls back, grouped by type (of the function th
 
 The aggregation and formatting take plain data (lists of dicts), so they are tested on Linux
 (tests/test_bench_device.py) with fabricated records; only `measure_*` call Core ML. The placement's aggregation
-and wording are coreml/package.py's (placement_summary, format_placement), shared with diff_coreml.py's report.
+and wording are coreml/placement.py's (placement_summary, format_placement), shared with diff_coreml.py's report.
 """
 import argparse
 import statistics
@@ -24,8 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from modernbert_ane.coreml.package import (COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS, PackageRunner, compute_plan_records,  # noqa: E402
-                       format_placement, input_lengths, package_inputs, per_op_flops, placement_summary, read_metadata)
+from modernbert_ane.coreml.macos import COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS, compute_plan_records  # noqa: E402
+from modernbert_ane.coreml.package import Package, package_inputs  # noqa: E402
+from modernbert_ane.coreml.placement import format_placement, per_op_flops, placement_summary  # noqa: E402
+from modernbert_ane.coreml.runner import PackageRunner  # noqa: E402
 from modernbert_ane.user_errors import UserError, run_cli  # noqa: E402
 
 
@@ -109,7 +111,7 @@ def measure_loads(package, units: str, function: str | None) -> tuple[dict, Pack
 
 def flop_counts(package, meta: dict, lengths: list[int]) -> dict[int, int]:
     """length -> FLOPs: the metadata's counts, the rest counted now (coreml/cost.py) on the function that runs
-    each length (meta["length_functions"], mlpackage.read_metadata)."""
+    each length (meta["length_functions"], Package.metadata)."""
     stored = meta.get("cost") or {}
     counts = {n: stored[str(n)]["flops"] for n in lengths if str(n) in stored}
     if len(counts) < len(lengths):
@@ -128,19 +130,20 @@ def main(argv) -> int:
         raise UserError("--runs must be at least 1 and --warmup at least 0")
     from modernbert_ane.cli import check_output_path, write_json
     check_output_path(args.json, args.force, inside=[args.package])
-    meta = read_metadata(args.package, args.function)
-    available = input_lengths(args.package, meta["function"])
+    package = Package(args.package)
+    meta = package.metadata(args.function)
+    available = package.lengths(meta["function"])
     lengths = args.seq_len or available
     unknown = [n for n in lengths if n not in available]
     if unknown:
         raise UserError(f"{args.package} has no length {unknown[0]} (it has {', '.join(map(str, available))})")
-    flops = flop_counts(args.package, meta, lengths)
+    flops = flop_counts(package, meta, lengths)
     placed = meta["length_functions"][max(lengths)]          # the function whose placement is read
     doc = {"package": str(args.package), "function": meta["function"], "lengths": lengths, "flops": flops,
            "loads": {}, "latency": [], "placement": {}}
     for units in args.compute_units:
         print(f"{units}: loading ...", file=sys.stderr)
-        doc["loads"][units], runner = measure_loads(args.package, units, meta["function"])
+        doc["loads"][units], runner = measure_loads(package, units, meta["function"])
         for n in lengths:
             stats = measure_latency(runner, n, args.warmup, args.runs)
             doc["latency"].append({"compute_units": units, "length": n, **stats,
@@ -151,7 +154,7 @@ def main(argv) -> int:
             except ValueError as e:                    # coremltools: "MLComputePlan is not supported" before 14.4
                 print(f"{units}: no op placement ({e}; MLComputePlan needs macOS 14.4+)", file=sys.stderr)
                 continue
-            doc["placement"][units] = placement_summary(records, per_op_flops(args.package, placed, max(lengths)))
+            doc["placement"][units] = placement_summary(records, per_op_flops(package, placed, max(lengths)))
     print(format_results(doc))
     if args.json:
         write_json(args.json, doc)

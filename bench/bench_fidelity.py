@@ -86,8 +86,8 @@ def main() -> None:
 
 def package_rotation(package: Path) -> str:
     """The float16 strategy the package was converted with (convert.py records it in the metadata)."""
-    from modernbert_ane.coreml.package import read_metadata
-    meta = read_metadata(package)
+    from modernbert_ane.coreml.package import Package
+    meta = Package(package).metadata()
     return f"{meta.get('rotation', '?')} + {meta.get('norm') or 'fused'} norm"
 
 

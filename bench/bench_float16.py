@@ -62,7 +62,8 @@ def cosines(task, reference, output, ids, mask, tokenizer) -> tuple[str, str]:
 
 def rows_for(folder: Path, label: str, seq_len: int, strategies, modes) -> list[str]:
     from modernbert_ane.convert import simulate_compression
-    from modernbert_ane.evaluation import EVAL_TEXTS, load_tokenizer, reference_model, reference_outputs, tokenize
+    from modernbert_ane.checkpoint import load_tokenizer
+    from modernbert_ane.evaluation import EVAL_TEXTS, reference_model, reference_outputs, tokenize
     from modernbert_ane.model import ModernBert
     from modernbert_ane.rotations.strategy import AUTO_CANDIDATES, choose, measure
     model, ckpt = ModernBert.from_pretrained(str(folder))

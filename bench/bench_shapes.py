@@ -49,15 +49,15 @@ def sizes(package: Path) -> dict:
 
 def ops_per_function(package: Path) -> dict[str, int]:
     """function -> its non-constant ops, from the saved spec."""
-    from modernbert_ane.coreml.package import package_spec
-    spec = package_spec(package)
+    from modernbert_ane.coreml.package import Package
+    spec = Package(package).spec
     return {name: sum(op.type != "const" for op in f.block_specializations[f.opset].operations)
             for name, f in sorted(spec.mlProgram.functions.items())}
 
 
 def outputs_differ(enumerated: Path, functions: Path, lengths: list[int]) -> dict[int, float]:
     """length -> max |enumerated - functions| of the output on one sequence of distinct ordinary tokens."""
-    from modernbert_ane.coreml.package import PackageRunner
+    from modernbert_ane.coreml.runner import PackageRunner
     differences = {}
     for n in lengths:
         ids = np.arange(10, 10 + n, dtype=np.int32)[None]                       # (1, n), no padding

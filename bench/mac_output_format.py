@@ -16,7 +16,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from bench_device import format_results, tflops  # noqa: E402
 from modernbert_ane.diff_coreml import format_placement_section, running_line  # noqa: E402
-from modernbert_ane.coreml.package import describe_backend, placement_summary  # noqa: E402
+from modernbert_ane.coreml.placement import placement_summary  # noqa: E402
+from modernbert_ane.coreml.runner import describe_backend  # noqa: E402
 from modernbert_ane.predict import backend_line  # noqa: E402
 
 PACKAGE = "fill.mlpackage"

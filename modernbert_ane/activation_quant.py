@@ -20,10 +20,8 @@ import torch
 from torch import nn
 
 from modernbert_ane.model import ModernBert
+from modernbert_ane.rotations.fuse import ROTATION_CONVS
 
-# Convs whose weights stay float16 under --compress int8/w8a8 (convert.compress_weights: the rotation's two C x C
-# convs); their inputs stay float16 too, so every quantized activation meets an int8 weight.
-FLOAT16_CONVS = ("embeddings.proj", "final_proj")
 QMAX = 127                       # coremltools' linear_symmetric int8 range: [-127, 127]
 
 # Calibration texts: not the evaluation texts (evaluation.EVAL_TEXTS), so a fidelity report does not measure the
@@ -44,8 +42,9 @@ CALIBRATION_TEXTS = [
 
 
 def quantized_convs(model: ModernBert) -> dict[str, nn.Conv2d]:
-    """The convs whose inputs W8A8 quantizes: every conv with int8 weights (not FLOAT16_CONVS)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name not in FLOAT16_CONVS}
+    """The convs whose inputs W8A8 quantizes: every conv with int8 weights, so not the rotation's two (kept float16:
+    fuse.ROTATION_CONVS), whose inputs stay float16 too."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name not in ROTATION_CONVS}
 
 
 @torch.no_grad()

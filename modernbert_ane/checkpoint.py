@@ -179,6 +179,42 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json")
 
 
+def load_tokenizer(source: str, tasks=(), revision: str | None = None):
+    """A tokenizer (hub id or folder) with what ModernBERT needs: [CLS], [SEP] and [PAD] ([MASK] too when
+    `tasks` has fill-mask), put around every text as [CLS] ... [SEP]; a one-line error otherwise.
+    `revision`: the hub commit (or branch, tag) of a hub id; None: its main branch."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()      # no "sequence longer than model_max_length" chatter
+    name = str(source)
+    if not Path(name).expanduser().exists() and ("/" in name or name.startswith(("~", "."))) and not is_hub_id(name):
+        raise CheckpointError(f"no such tokenizer folder: {name}; pass --tokenizer with the model's tokenizer "
+                              f"(a hub id or folder)")
+    if Path(name).expanduser().is_dir():
+        check_files(Path(name).expanduser(), TOKENIZER_FILES)       # confined, regular: before transformers opens them
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, **({"revision": revision} if revision else {}))
+    except Exception as e:
+        if isinstance(e, UnicodeDecodeError) and Path(name).is_dir():
+            for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+                if (Path(name) / file).is_file():
+                    read_json(Path(name) / file)                # names the file that is not UTF-8
+        reason = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"cannot load a tokenizer from '{source}' ({type(e).__name__}: {reason}); "
+                              f"pass --tokenizer with a hub id or folder that has the model's tokenizer") from e
+    needed = ["cls_token", "sep_token", "pad_token"] + (["mask_token"] if "fill-mask" in tasks else [])
+    missing = [t for t in needed if getattr(tokenizer, t, None) is None]
+    if missing:
+        why = " (a fill-mask package needs it)" if missing == ["mask_token"] else ""
+        raise CheckpointError(f"the tokenizer from {source} has no {', '.join(missing)}{why}; "
+                              f"use the model's own tokenizer")
+    ids = tokenizer("a")["input_ids"]
+    if not ids or ids[0] != tokenizer.cls_token_id or ids[-1] != tokenizer.sep_token_id:
+        raise CheckpointError(f"the tokenizer from {source} does not put [CLS] and [SEP] around a text "
+                              f"({tokenizer.cls_token} ... {tokenizer.sep_token}), as ModernBERT expects; "
+                              f"use the model's own tokenizer")
+    return tokenizer
+
+
 # ----------------------------------------------------------------------------- sentence-transformers
 
 def _read_modules(root: Path) -> list:

@@ -8,7 +8,8 @@ import sys
 import time
 
 from modernbert_ane.checkpoint import DEFAULT_MODEL
-from modernbert_ane.coreml.package import BACKENDS, COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS
+from modernbert_ane.coreml.macos import COMPUTE_UNITS, DEFAULT_COMPUTE_UNITS
+from modernbert_ane.coreml.runner import BACKENDS
 from modernbert_ane.tasks import TASKS
 from modernbert_ane.output_files import check_output, json_with_keys, write_file
 from modernbert_ane.report import check_report_folder
@@ -80,9 +81,11 @@ def add_backend(p, check: bool = False) -> None:
 def add_strategy(p, rotations, default: str, norms=None, norm_default: str = "") -> None:
     """The float16 strategy: rotation, seed and (given `norms`) the norm form, `norm_default` saying what an absent
     --norm means (convert: auto by default; diff_torch: one to look at)."""
+    auto = ("; auto: measure the candidate float16 strategies (none, identity or hadamard with a safe norm, none with "
+            "l2eps) in float16 on the evaluation texts against float32 transformers and convert the best")
     p.add_argument("--rotation", choices=rotations, default=default,
-                   help=f"orthogonal rotation fused into the weights (identity: norms folded, stream centred, not "
-                        f"rotated){'; auto: measure the candidate float16 strategies (none, identity or hadamard with a safe norm, none with l2eps) in float16 on the evaluation texts against float32 transformers and convert the best' if 'auto' in rotations else ''} (default {default})")
+                   help="orthogonal rotation fused into the weights (identity: norms folded, stream centred, not "
+                        f"rotated){auto if 'auto' in rotations else ''} (default {default})")
     if norms:
         p.add_argument("--norm", choices=norms,
                        help="form of every norm: fused (one layer_norm op; overflows with massive activations), "

@@ -25,18 +25,19 @@ import numpy as np
 import torch
 
 from modernbert_ane.coreml.readiness import Readiness
-from modernbert_ane.checkpoint import check_rotation, read_prompts, resolve_checkpoint
-from modernbert_ane.evaluation import (EVAL_TEXTS, cosine_metrics, distribution_metrics, load_tokenizer,
+from modernbert_ane.checkpoint import check_rotation, load_tokenizer, read_prompts, resolve_checkpoint
+from modernbert_ane.evaluation import (EVAL_TEXTS, cosine_metrics, distribution_metrics,
                         reference_model, reference_outputs, tokenize)
-from modernbert_ane.coreml.package import (PROJECT_VERSION, PackageRunner, function_description, package_inputs,
-                       package_spec, save_spec, write_metadata, written_by_convert)
+from modernbert_ane import __version__
+from modernbert_ane.coreml.package import Package, package_inputs, written_by_convert
+from modernbert_ane.coreml.runner import PackageRunner
 from modernbert_ane.model import NORM_KINDS, ModernBert, local_attention_bytes
 from modernbert_ane.tasks import COSINE_TASKS, OUTPUT_NAMES, POOLED_TASKS, SPECS
 from modernbert_ane.output_files import Ours, check_output as check_output_file, publish, staging_folder
 from modernbert_ane.coreml.cost import metadata_entry, package_costs
 from modernbert_ane.coreml.quiet_coremltools import import_coremltools
 from modernbert_ane.rotations import ROTATION_KINDS, rotate_model
-from modernbert_ane.rotations.fuse import LEARNED, SEEDED_KINDS
+from modernbert_ane.rotations.fuse import LEARNED, ROTATION_CONVS, SEEDED_KINDS
 from modernbert_ane.rotations.learned import DEFAULT_STEPS
 from modernbert_ane import cli
 from modernbert_ane.user_errors import UserError, run_cli, writing
@@ -306,7 +307,7 @@ def compress_weights(mlmodel, model: ModernBert, mode: str, embedding_gain: floa
                   and tuple(op.inputs["x"].shape) == (model.config.vocab_size, model.config.hidden_size, 1, 1)]
         keep.update({child.name: None for table in tables for child in table.child_ops})   # gather and tied conv
     keep.update({op.name: None for op in ops if op.op_type == "conv"
-                 and any(part in op.inputs["weight"].name for part in ("embeddings_proj", "final_proj"))})
+                 and any(conv.replace(".", "_") in op.inputs["weight"].name for conv in ROTATION_CONVS)})
     config = compression_config(mode)                     # one object: the tied table's gather and conv must agree
     config = cto.OptimizationConfig(op_type_configs={"conv": config, "gather": config}, op_name_configs=keep)
     if mode == "int8":
@@ -320,8 +321,8 @@ def simulate_compression(model: ModernBert, mode: str, embedding_gain: float) ->
     embeddings and a tied decoder unless the embedding norm's weight is large), int8 per output channel, symmetric; palettes from
     kmeans_palette per group of PALETTE_GROUP output channels (rows). A simulation of coremltools' rounding
     (its int8 range and scales may differ in the last bit): good enough to rank strategies."""
-    kept = ("embeddings.proj", "final_proj") + (("decoder",) if embedding_gain > EMBEDDING_GAIN_LIMIT
-                                                and model.tied_decoder else ())   # it reads the embeddings' constant
+    kept = ROTATION_CONVS + (("decoder",) if embedding_gain > EMBEDDING_GAIN_LIMIT
+                             and model.tied_decoder else ())   # it reads the embeddings' constant
     weights = [m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and name not in kept]
     if embedding_gain <= EMBEDDING_GAIN_LIMIT:
         weights.append(model.embeddings.tok_embeddings.weight)
@@ -399,7 +400,7 @@ def package_metadata(models: dict, layout: dict, ckpt, tokenizer, tokenizer_sour
     meta = {"source": ckpt.source, "revision": ckpt.revision, "tokenizer": tokenizer_source,
             "rotation": args.rotation, "rotation_seed": args.seed if args.rotation in SEEDED_KINDS else None,
             "norm": args.norm, "strategy": strategy,
-            "seq_lengths": lengths, "shapes": args.shapes, "version": PROJECT_VERSION, "hidden_size": cfg.hidden_size,
+            "seq_lengths": lengths, "shapes": args.shapes, "version": __version__, "hidden_size": cfg.hidden_size,
             "vocab_size": cfg.vocab_size, "deployment_target": args.deployment_target, "compute_units": "CPU_AND_NE",
             "compress": args.compress, "local_attention": "blockwise" if first.blockwise else "masked",
             "pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
@@ -416,25 +417,25 @@ def package_metadata(models: dict, layout: dict, ckpt, tokenizer, tokenizer_sour
     return {**meta, "functions": functions}
 
 
-def describe_package(package: Path, models: dict, layout: dict, metadata: dict, ckpt, args, lengths) -> None:
+def describe_package(package: Package, models: dict, layout: dict, metadata: dict, ckpt, args, lengths) -> None:
     """Write the descriptions Xcode shows and our metadata into the saved package's spec."""
-    spec = package_spec(package)
+    spec = package.spec
     tasks = ", ".join(models)
     spec.description.metadata.author = "modernbert-ane convert.py"
     spec.description.metadata.shortDescription = (
         f"ModernBERT {tasks} ({ckpt.source}), float16, rotation {args.rotation}, norm {args.norm}, "
         f"sequence lengths {', '.join(map(str, lengths))}" + (" (a function each)" if args.shapes == "functions"
                                                                and len(lengths) > 1 else ""))
-    spec.description.metadata.versionString = PROJECT_VERSION
-    write_metadata(spec, metadata)
+    spec.description.metadata.versionString = __version__
+    package.write_metadata(metadata)
     for name, (task, _) in layout.items():
-        model, function = models[task], function_description(spec, name, package)
+        model, function = models[task], package.description(name)
         for feature in function.input:
             feature.shortDescription = (MASK_DESCRIPTION[model.max_texts > 1] if feature.name == "attention_mask"
                                         else "token ids from the model's tokenizer ([CLS] ... [SEP], then [PAD]), int32")
         for feature in function.output:
             feature.shortDescription = SPECS[task].description
-    save_spec(package, spec)
+    package.save()
 
 
 def make_deterministic(package: Path) -> None:
@@ -470,7 +471,7 @@ def check_runs(model: ModernBert, tokenizer, lengths: list[int]) -> list[tuple[s
     return runs
 
 
-def check_package(package: Path, model: ModernBert, tokenizer, lengths: list[int], backend: str, readiness,
+def check_package(package: Package, model: ModernBert, tokenizer, lengths: list[int], backend: str, readiness,
                   function: str | None = None):
     """Run the saved package (one function of it) and compare it with the float32 model; raise below the
     thresholds."""
@@ -648,10 +649,11 @@ def convert_checkpoint(args) -> Path:
             os.replace(parts[None], package)
         else:
             combine_functions(parts, package, default_function(layout))
-        function_costs = {name: package_costs(package, name) for name in layout}
+        saved = Package(package)                    # read once: costs, descriptions, the check
+        function_costs = {name: package_costs(saved, name) for name in layout}
         costs = {task: {n: summary for name, (of, _) in layout.items() if of == task
                         for n, summary in function_costs[name].items()} for task in tasks}
-        describe_package(package, models, layout, package_metadata(models, layout, ckpt, tokenizer, tokenizer_source,
+        describe_package(saved, models, layout, package_metadata(models, layout, ckpt, tokenizer, tokenizer_source,
                                                                    args, lengths, function_costs, strategy),
                          ckpt, args, lengths)
         make_deterministic(package)
@@ -659,7 +661,7 @@ def convert_checkpoint(args) -> Path:
         if not args.skip_check:
             steps.start("checking the package against the float32 model")
             for task, model in models.items():
-                backend, lines = check_package(package, model, tokenizer, lengths, args.check_backend, readiness,
+                backend, lines = check_package(saved, model, tokenizer, lengths, args.check_backend, readiness,
                                                package_function(task, n_tasks))
                 where = f"{task}, " if n_tasks > 1 else ""
                 check_lines += [f"correctness check ({where}{'Core ML' if backend == 'coreml' else 'emulator'}):"]

@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modernbert_ane.checkpoint import CheckpointError, resolve_checkpoint
+from modernbert_ane.checkpoint import CheckpointError, load_tokenizer, resolve_checkpoint
 from modernbert_ane.evaluation import (EVAL_TEXTS, Accounting, check_gates, format_accounting, format_gates,
-                        format_metrics, format_table, gate_exit, gate_results, load_tokenizer, output_measure,
+                        format_metrics, format_table, gate_exit, gate_results, output_measure,
                         reference_model, reference_outputs, residual_peaks, tokenize, valid_rows)
-from modernbert_ane.coreml.package import (PackageRunner, check_token_ids, compute_plan_records, format_placement,
-                                           input_lengths, per_op_flops, placement_summary, read_metadata,
-                                           resolve_backend, tokenizer_revision)
+from modernbert_ane.coreml.macos import compute_plan_records
+from modernbert_ane.coreml.package import Package, check_token_ids, tokenizer_revision
+from modernbert_ane.coreml.placement import format_placement, per_op_flops, placement_summary
+from modernbert_ane.coreml.runner import PackageRunner, resolve_backend
 from modernbert_ane.model import FLOAT16_MAX, MASK_FILL, ActivationProbe, ModernBert, ModernBertConfig
 from modernbert_ane.tasks import POOLED_TASKS
 from modernbert_ane.report import write_report
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="emulator: also round the internal steps of norms, reductions and softmax to float16")
     p.add_argument("--placement", metavar="JSON",
                    help="where Core ML runs the ops, for the report and the JSON: bench/bench_device.py's --json, or "
-                        "compute-plan records (coreml/package.py's compute_plan_records: a list, or "
+                        "compute-plan records (coreml/macos.py's compute_plan_records: a list, or "
                         "{\"compute_units\": ..., \"records\": [...]}) saved on a Mac; with Core ML on macOS 14.4+ it "
                         "is read from the compiled model instead")
     cli.add_report_outputs(p, "the largest value per layer against model.py unrotated, KL per token, the metrics")
@@ -194,7 +195,7 @@ def placement_summaries(args, meta: dict, runner: PackageRunner, lengths: list[i
         given = read_placement(args.placement)
         if "summaries" in given:
             return given["summaries"], f"{args.placement} (bench_device.py)"
-        flops = per_op_flops(args.package, function, lengths[-1])
+        flops = per_op_flops(runner.package, function, lengths[-1])
         return ({units: placement_summary(records, flops) for units, records in given["records"].items()},
                 f"{args.placement} (compute-plan records)")
     compiled = (runner.load_report or {}).get("compiled_path")
@@ -205,7 +206,7 @@ def placement_summaries(args, meta: dict, runner: PackageRunner, lengths: list[i
     except ValueError as e:                                       # coremltools: MLComputePlan needs macOS 14.4+
         print(f"no op placement ({e})", file=sys.stderr)
         return {}, None
-    return ({args.compute_units: placement_summary(records, per_op_flops(args.package, function, lengths[-1]))},
+    return ({args.compute_units: placement_summary(records, per_op_flops(runner.package, function, lengths[-1]))},
             f"Core ML's compute plan of {compiled}")
 
 
@@ -224,14 +225,15 @@ def main(argv) -> int:
     args = build_parser().parse_args(argv)
     resolve_backend(args.backend)                       # --backend coreml off macOS: refused before any work
     cli.check_report_outputs(args, [args.package, args.model, args.tokenizer, args.placement], "diff_coreml")
-    meta = read_metadata(args.package, args.function)
-    lengths = input_lengths(args.package, meta["function"])
+    package = Package(args.package)                     # read once: the metadata, the lengths, the runner's spec
+    meta = package.metadata(args.function)
+    lengths = package.lengths(meta["function"])
     task = meta["task"]
     width = len(meta.get("labels") or []) if task in ("classify", "token-classify") else 0
     check_gates(output_measure(task, width), args.max_kl, args.max_score_error, f"the {task} output of {args.package}")
     if args.placement:
         read_placement(args.placement)                  # bad input: refused before any work
-    runner = PackageRunner(args.package, args.backend, pessimistic=args.pessimistic, function=meta["function"],
+    runner = PackageRunner(package, args.backend, pessimistic=args.pessimistic, function=meta["function"],
                            compute_units=args.compute_units, use_cache=not args.no_cache)
     source = args.model or meta.get("source")
     try:

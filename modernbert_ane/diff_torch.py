@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from modernbert_ane.evaluation import (EVAL_TEXTS, Accounting, check_gates, compare_rows, format_accounting,
-                        format_gates, format_metrics, format_table, gate_exit, gate_results, load_tokenizer,
+                        format_gates, format_metrics, format_table, gate_exit, gate_results,
                         merge_compare_rows, output_measure, overflow_metrics, reference_model, reference_outputs,
                         residual_peaks, tokenize, valid_rows)
-from modernbert_ane.checkpoint import check_rotation, resolve_checkpoint
+from modernbert_ane.checkpoint import check_rotation, load_tokenizer, resolve_checkpoint
 from modernbert_ane.model import NORM_KINDS, ActivationProbe, ModernBert
 from modernbert_ane.tasks import POOLED_TASKS
 from modernbert_ane.report import write_report

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from modernbert_ane.evaluation import load_tokenizer
-from modernbert_ane.coreml.package import (DEFAULT_COMPUTE_UNITS, PackageError, PackageRunner, check_token_ids,
-                       input_lengths, package_inputs, read_metadata, resolve_backend, tokenizer_revision)
+from modernbert_ane.checkpoint import load_tokenizer
+from modernbert_ane.coreml.macos import DEFAULT_COMPUTE_UNITS
+from modernbert_ane.coreml.package import Package, PackageError, check_token_ids, package_inputs, tokenizer_revision
+from modernbert_ane.coreml.runner import PackageRunner, resolve_backend
 from modernbert_ane.tasks import OUTPUT_NAMES, POOLED_TASKS, TASKS
 from modernbert_ane import cli
 from modernbert_ane.user_errors import UserError, run_cli
@@ -55,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- inputs
 
-def package_metadata(path: str, function: str | None = None) -> dict:
-    """The metadata of a package's function, with a known task (PackageError for a missing or foreign path)."""
-    meta = read_metadata(path, function)
+def package_metadata(package: Package, function: str | None = None) -> dict:
+    """The metadata of a package's function, with a known task."""
+    meta = package.metadata(function)
     if meta["task"] not in TASKS:
-        raise PackageError(f"{path} has task '{meta['task']}', which predict.py does not know "
+        raise PackageError(f"{package.path} has task '{meta['task']}', which predict.py does not know "
                            f"(one of {', '.join(TASKS)}); is this predict.py older than the converter?")
     return meta
 
@@ -456,17 +457,21 @@ def plural(n: int, word: str) -> str:
 
 
 class Predictor:
-    """A package ready to run (predict.py's main, and the Python API): its metadata read now; the tokenizer and
-    the runner (Core ML or the emulator) loaded on first use, once. `run` returns predict.py's JSON document."""
+    """A package ready to run (predict.py's main, and the Python API): the package read and its metadata checked
+    now, once; the tokenizer and the runner (Core ML or the emulator) loaded on first use, once. `run` returns
+    predict.py's JSON document."""
 
     def __init__(self, package, backend: str = "auto", function: str | None = None, tokenizer: str | None = None,
                  compute_units: str = DEFAULT_COMPUTE_UNITS, use_cache: bool = True, pack: bool = False,
                  truncate: bool = False):
         resolve_backend(backend)                        # --backend coreml off macOS: refused before any work
-        self.package, self.backend, self.truncate = str(package), backend, truncate
+        self.backend, self.truncate = backend, truncate
         self.compute_units, self.use_cache, self.tokenizer_source = compute_units, use_cache, tokenizer
-        self.meta = package_metadata(self.package, function)
+        self._package = Package(package)                # PackageError for a missing or foreign path
+        self.package = str(self._package.path)
+        self.meta = package_metadata(self._package, function)
         self.task = self.meta["task"]
+        self.lengths = self._package.lengths(self.meta["function"])   # ascending
         self.max_texts = max_texts_per_prediction(self.meta, pack)
         self._tokenizer = self._runner = None
 
@@ -483,7 +488,7 @@ class Predictor:
     @property
     def runner(self) -> PackageRunner:
         if self._runner is None:
-            self._runner = PackageRunner(self.package, self.backend, function=self.meta["function"],
+            self._runner = PackageRunner(self._package, self.backend, function=self.meta["function"],
                                          compute_units=self.compute_units, use_cache=self.use_cache)
         return self._runner
 
@@ -497,8 +502,7 @@ class Predictor:
         meta, texts = self.meta, list(texts)
         pairs = list(pairs) if pairs is not None else [None] * len(texts)
         inputs = apply_prompt(texts, prompt, meta, self.task)
-        tokenizer = self.tokenizer
-        lengths = input_lengths(self.package, meta["function"])
+        tokenizer, lengths = self.tokenizer, self.lengths
         seqs = [encode(tokenizer, text, f"text {i + 1}", lengths[-1], self.truncate, pair)
                 for i, (text, pair) in enumerate(zip(inputs, pairs))]
         label_seqs = [encode(tokenizer, label, f"label '{label}'", lengths[-1], self.truncate) for label in labels or []]

@@ -64,7 +64,7 @@ def write_report(path: str, *, title: str, facts: dict, metrics: dict, peaks: di
     text, "values" (one error per token, by `measure`: "kl", "cosine" (1 - cosine) or "score"), with "tokens"
     (strings) and "delimiter" (bools) when known; for pooled tasks "output" (the text's error by
     `output_measure`), and "values" only when the script measured the encoder per token. gates: evaluation's
-    gate_results, shown as pass/fail. placement: compute units -> mlpackage.placement_summary() of Core ML's
+    gate_results, shown as pass/fail. placement: compute units -> coreml/placement.py's placement_summary() of Core ML's
     compute plan, shown as a section when given."""
     check_report_folder(path, force)
     folder = Path(path)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modernbert_ane import convert
-from modernbert_ane.activation_quant import (CALIBRATION_TEXTS, FLOAT16_CONVS, activation_scale, calibrate, fake_quant,
+from modernbert_ane.activation_quant import (CALIBRATION_TEXTS, activation_scale, calibrate, fake_quant,
                               quantized_convs, simulated_activations)
 from modernbert_ane.checkpoint import resolve_checkpoint
 from checkpoints import build_tokenizer
@@ -13,6 +13,7 @@ from modernbert_ane.coreml.package import read_metadata
 from modernbert_ane.coreml.emulator import MLProgramEmulator
 from modernbert_ane.model import ModernBert
 from modernbert_ane.rotations import rotate_model
+from modernbert_ane.rotations.fuse import ROTATION_CONVS
 from modernbert_ane.rotations.learned import learn_rotation
 from test_convert import run_convert
 
@@ -49,7 +50,7 @@ def test_calibration_ignores_padding(checkpoint_factory):
     ids, mask = tokenize(tokenizer, CALIBRATION_TEXTS[:3], LENGTH, fixed_length=True)
     batch = calibrate(model, ids, mask)
     alone = [calibrate(model, *tokenize(tokenizer, [t], LENGTH)) for t in CALIBRATION_TEXTS[:3]]
-    assert set(batch) == set(quantized_convs(model)) and not set(batch) & set(FLOAT16_CONVS)
+    assert set(batch) == set(quantized_convs(model)) and not set(batch) & set(ROTATION_CONVS)
     for name, peak in batch.items():
         assert peak == pytest.approx(max(a[name] for a in alone), rel=1e-5), name
 

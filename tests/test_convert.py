@@ -15,7 +15,7 @@ from modernbert_ane import convert
 from checkpoints import CONFIGS, build_tokenizer
 from modernbert_ane.evaluation import EVAL_TEXTS, distribution_metrics, reference_model, tokenize
 from modernbert_ane.checkpoint import resolve_checkpoint
-from modernbert_ane.coreml.package import input_lengths, read_metadata
+from modernbert_ane.coreml.package import Package, read_metadata
 from modernbert_ane.coreml.emulator import MLProgramEmulator
 from modernbert_ane.user_errors import run_cli
 
@@ -61,7 +61,7 @@ def transformers_logits(folder, ids, mask):
 
 def test_enumerated_lengths_below_and_above_the_window(packages, checkpoint_factory):
     package, folder = packages("tiny-enum", checkpoint_factory("tiny"), "--seq-len", SHORT, LONG)
-    assert input_lengths(package) == [SHORT, LONG]
+    assert Package(package).lengths() == [SHORT, LONG]
     meta = read_metadata(package)
     assert meta["task"] == "fill-mask" and meta["seq_lengths"] == [SHORT, LONG]
     assert meta["strategy"]["chosen_by"] == "measurement"                  # the default: --rotation auto
@@ -431,7 +431,7 @@ def test_multi_function_package_stores_the_encoder_once(packages, checkpoint_fac
     for function, task, output in (("fill_mask", "fill-mask", "logits"), ("embed", "embed", "embeddings")):
         meta = read_metadata(multi, function)
         assert (meta["function"], meta["task"], meta["output"]) == (function, task, output)
-        assert input_lengths(multi, function) == [SHORT, LONG] and meta["seq_lengths"] == [SHORT, LONG]
+        assert Package(multi).lengths(function) == [SHORT, LONG] and meta["seq_lengths"] == [SHORT, LONG]
     assert read_metadata(multi)["function"] == "fill_mask"                      # the first task is the default
     from modernbert_ane.model import ModernBert
     embedder, _ = ModernBert.from_pretrained(str(folder), task="embed")

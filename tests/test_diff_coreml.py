@@ -12,7 +12,8 @@ from modernbert_ane import convert
 from modernbert_ane import diff_coreml
 from checkpoints import CONFIGS, build_sentence_transformers, build_tokenizer
 from modernbert_ane.evaluation import EVAL_TEXTS
-from modernbert_ane.coreml.package import PackageRunner, input_lengths
+from modernbert_ane.coreml.package import Package
+from modernbert_ane.coreml.runner import PackageRunner
 from modernbert_ane.user_errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +132,7 @@ def test_package_ops_are_grouped_per_layer_in_a_real_package(package):
     runner = PackageRunner(package, "emulate")
     conv_weights = diff_coreml.conv_weight_names(runner)
     watch = diff_coreml.OverflowWatch(conv_weights)
-    ids = np.full((1, input_lengths(package)[0]), 5, dtype=np.int32)
+    ids = np.full((1, Package(package).lengths()[0]), 5, dtype=np.int32)
     runner.predict({"input_ids": ids, "attention_mask": np.ones_like(ids)}, observe=watch.observe)
     n_layers = CONFIGS["tiny"]["num_hidden_layers"]
     assert list(watch.layer_peaks()) == ["embeddings", *(f"layers.{i}" for i in range(n_layers)), "head"]

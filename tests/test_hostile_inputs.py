@@ -317,11 +317,11 @@ def tokenizer_folder(checkpoint: Path, folder: Path) -> Path:
 
 
 def set_package_metadata(package: Path, **values) -> None:
-    from modernbert_ane.coreml.package import METADATA_PREFIX, package_spec, save_spec
-    spec = package_spec(package)
+    from modernbert_ane.coreml.package import METADATA_PREFIX, Package
+    package = Package(package)
     for key, value in values.items():
-        spec.description.metadata.userDefined[METADATA_PREFIX + key] = json.dumps(value)
-    save_spec(package, spec)
+        package.spec.description.metadata.userDefined[METADATA_PREFIX + key] = json.dumps(value)
+    package.save()
 
 
 def build_inputs(folder: Path, good_checkpoint: Path) -> SimpleNamespace:

@@ -17,7 +17,7 @@ import torch
 
 from modernbert_ane import convert
 from modernbert_ane import predict
-from modernbert_ane.coreml.package import input_lengths, package_inputs, read_metadata
+from modernbert_ane.coreml.package import Package, package_inputs, read_metadata
 from checkpoints import build_sentence_transformers
 from modernbert_ane.user_errors import UserError, run_cli
 
@@ -269,7 +269,7 @@ def test_functions_package_runs_each_length_as_the_enumerated_one(packages, caps
     assert meta["shapes"] == "functions" and meta["function"] == "fill_mask" and meta["seq_lengths"] == [32, 64]
     assert meta["function_names"] == ["fill_mask_64", "fill_mask_32", "encoder_32", "encoder_64"]   # default first
     assert meta["length_functions"] == {32: "fill_mask_32", 64: "fill_mask_64"} and sorted(meta["cost"]) == ["32", "64"]
-    assert input_lengths(package, "encoder") == [32, 64] and input_lengths(package, "encoder_32") == [32]
+    assert Package(package).lengths("encoder") == [32, 64] and Package(package).lengths("encoder_32") == [32]
     for function in ("fill_mask", "encoder"):
         ours = run_json([str(package), *texts, "--function", function], capsys)
         theirs = run_json([str(enumerated), *texts, "--function", function], capsys)
@@ -426,7 +426,6 @@ def test_bad_input_gets_one_line_in_process(packages, capsys, tmp_path, monkeypa
 def foreign_packages(tmp_path):
     """A valid ML Program without our metadata, and one claiming a task predict.py does not know."""
     from coremltools.converters.mil import Builder as mb
-    from modernbert_ane.coreml.package import package_spec, save_spec, write_metadata
     from modernbert_ane.coreml.quiet_coremltools import import_coremltools
     ct = import_coremltools()
 
@@ -440,9 +439,9 @@ def foreign_packages(tmp_path):
         paths[name] = tmp_path / f"{name}.mlpackage"
         mlmodel.save(str(paths[name]))
         if task:
-            spec = package_spec(paths[name])
-            write_metadata(spec, {"task": task})
-            save_spec(paths[name], spec)
+            package = Package(paths[name])
+            package.write_metadata({"task": task})
+            package.save()
     return paths
 
 
@@ -561,7 +560,6 @@ def test_integer_id2label_values_print_as_strings(released, capsys):
     assert {t["label"] for t in doc["results"][0]["tokens"]} <= {"0", "1", "2"}
     code, out, err = run_main([str(package), ACCENTED], capsys)
     assert code == 0, err
-    from modernbert_ane.coreml.package import read_metadata
     assert read_metadata(package)["labels"] == ["0", "1", "2"]
 
 
@@ -625,7 +623,6 @@ def test_pairs_need_a_classify_package(packages, released, capsys):
 
 
 def test_sentence_transformers_prompts_are_listed_and_applied(released, capsys):
-    from modernbert_ane.coreml.package import read_metadata
     package, _ = released("embed-prompts")
     assert read_metadata(package)["prompts"] == {
         "prompts": {"document": "search_document: ", "query": "search_query: "}, "default": None}
@@ -690,3 +687,11 @@ def test_token_spans_without_offsets():
     pieces = [text[s:e] for s, e, _ in spans[1:-1]]
     assert "".join(pieces) == text.replace(" ", "") and all(p.strip() == p and p for p in pieces)
     assert [s[:2] for s in spans[1:-1]] == [s[:2] for s in predict.token_spans(fast, text, ids)[1:-1]]
+
+
+def test_predict_runs_without_importing_torch():
+    """predict.py needs the tokenizer, the package and NumPy: importing it loads neither torch nor model.py, so a
+    prediction starts fast and an app-side install needs no torch."""
+    code = "import sys, modernbert_ane.predict; print(sorted(m for m in ('torch', 'modernbert_ane.model') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

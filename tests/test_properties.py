@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis): tokenization/padding, packing and the float16 emulator's ops.
 
-1. evaluation.tokenize (with the tokenizer load_tokenizer returns) and predict.encode: for any text
+1. evaluation.tokenize (with the tokenizer checkpoint.load_tokenizer returns) and predict.encode: for any text
    (unicode, whitespace only, far too long) the non-padding ids are the tokenizer's own encoding of
    the text, truncated keeping [CLS] first and [SEP] last; masks count the real tokens; padding is
    pad_token_id on the right.
@@ -32,7 +32,8 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.extra import numpy as hnp
 
 from modernbert_ane import predict
-from modernbert_ane.evaluation import EVAL_TEXTS, load_tokenizer, tokenize
+from modernbert_ane.checkpoint import load_tokenizer
+from modernbert_ane.evaluation import EVAL_TEXTS, tokenize
 from modernbert_ane.coreml.package import package_inputs
 from modernbert_ane.coreml.emulator import MLProgramEmulator
 from modernbert_ane.coreml.emulator.numerics import f16 as _f16
@@ -60,7 +61,7 @@ def props(n):
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    """The test tokenizer, saved and read back the way the toolkit loads one (evaluation.load_tokenizer)."""
+    """The test tokenizer, saved and read back the way the toolkit loads one (checkpoint.load_tokenizer)."""
     folder = tmp_path_factory.mktemp("tok")
     build_tokenizer().save_pretrained(folder)
     return load_tokenizer(str(folder))

@@ -16,7 +16,8 @@ from modernbert_ane import convert
 from modernbert_ane import diff_coreml
 from modernbert_ane import predict
 from checkpoints import REFERENCE, REFERENCE_HEADS, build_reference
-from modernbert_ane.evaluation import load_tokenizer, tokenize
+from modernbert_ane.checkpoint import load_tokenizer
+from modernbert_ane.evaluation import tokenize
 from modernbert_ane.user_errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent

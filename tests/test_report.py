@@ -73,7 +73,7 @@ def test_page_embeds_both_plots_and_the_metrics(written):
     assert not re.search(r'(src|href)="(?!data:)', page)                                    # nothing fetched
 
 
-PLACEMENT_RECORDS = [  # what mlpackage.compute_plan_records returns on a Mac
+PLACEMENT_RECORDS = [  # what coreml/macos.py's compute_plan_records returns on a Mac
     {"name": "qkv", "op_type": "conv", "device": "neural_engine", "supported": ["neural_engine"], "cost": 0.6},
     {"name": "scores", "op_type": "einsum", "device": "neural_engine", "supported": ["neural_engine"], "cost": 0.2},
     {"name": "emb", "op_type": "gather", "device": "cpu", "supported": ["cpu"], "cost": 0.0},
@@ -83,10 +83,10 @@ PLACEMENT_RECORDS = [  # what mlpackage.compute_plan_records returns on a Mac
 
 
 def test_placement_section_shows_shares_and_fallbacks_by_type(tmp_path):
-    """Synthetic compute-plan records through mlpackage.placement_summary (what diff_coreml.py passes) into the
+    """Synthetic compute-plan records through coreml/placement.py's placement_summary (what diff_coreml.py passes) into the
     page: the Neural Engine's share of ops and of FLOPs, ops per device, each fallback type with its devices."""
-    from modernbert_ane.coreml import package as mlpackage
-    summary = mlpackage.placement_summary(PLACEMENT_RECORDS, {"qkv": 6e9, "scores": 2e9, "probs": 2e9})
+    from modernbert_ane.coreml.placement import placement_summary
+    summary = placement_summary(PLACEMENT_RECORDS, {"qkv": 6e9, "scores": 2e9, "probs": 2e9})
     report.write_report(str(tmp_path / "r"), **sample(), placement={"cpu-and-ne": summary, "all": summary})
     page = (tmp_path / "r" / "index.html").read_text()
     assert "<h2>Where Core ML runs the ops (compute plan)</h2>" in page
@@ -97,7 +97,7 @@ def test_placement_section_shows_shares_and_fallbacks_by_type(tmp_path):
                      page)
     assert re.search(r"<td>softmax</td><td[^>]*>1</td><td>cpu 1</td><td[^>]*>2</td><td>probs</td>", page)
     assert page.index("<td>gather</td>") < page.index("<td>softmax</td>")          # most ops first
-    section = "\n".join(report.placement_html({"cpu-and-ne": mlpackage.placement_summary(PLACEMENT_RECORDS[:2], {})}))
+    section = "\n".join(report.placement_html({"cpu-and-ne": placement_summary(PLACEMENT_RECORDS[:2], {})}))
     assert "Every op runs on the Neural Engine." in section and "100.0 % of ops, n/a of FLOPs" in section
     assert report.placement_html(None) == [] and report.placement_html({}) == []        # no plan: no section
 

@@ -26,9 +26,10 @@ compressed weight counts as its stored parts), each once, as one prediction read
 """
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+
+from modernbert_ane.coreml.package import Package, package_inputs
 
 CONV_OPS = frozenset({"conv"})
 MATMUL_OPS = frozenset({"matmul", "linear", "einsum"})
@@ -81,13 +82,14 @@ class Program:
     bytes and the small constants' values (einsum equations, transpose flags)."""
 
     def __init__(self, package, function: str | None = None):
-        emu = _emulator()
-        spec, weights_dir = emu.loader.read_package(package)
+        """package: a Package (its spec is not parsed again) or a path."""
+        emu, package = _emulator(), Package.of(package)
+        spec, weights_dir = emu.loader.read_package(package.path, package.spec)
         functions = spec.mlProgram.functions
         function = function or spec.description.defaultFunctionName or "main"
         if function not in functions:
             raise ValueError(f"{package} has no function '{function}' (it has {', '.join(sorted(functions))})")
-        self.package, self.function = Path(package), function
+        self.package, self.function, self.spec = package.path, function, spec
         func = functions[function]
         reader = emu.loader.ProtoReader(weights_dir)
         self.types = {nvt.name: reader.tensor_type(nvt.type) for nvt in func.inputs}
@@ -132,8 +134,7 @@ class Program:
 
     def observed_shapes(self, length: int) -> dict:
         """name -> shape of every value when the function runs at `length` tokens on the emulator."""
-        from modernbert_ane.coreml.package import package_inputs
-        emu = _emulator().MLProgramEmulator(str(self.package), function_name=self.function)
+        emu = _emulator().MLProgramEmulator(str(self.package), function_name=self.function, spec=self.spec)
         inputs = package_inputs([[0] * length], length, 0)          # ids 0, one text: shapes are all we read
         expected = iter((op.op_type, name) for op in self.ops for name in op.outputs)
         shapes = {name: tuple(np.shape(value)) for name, value in inputs.items()}
@@ -274,10 +275,10 @@ def summarize(costs: list[OpCost]) -> dict:
 def package_costs(package, function: str | None = None, lengths=None) -> dict[int, dict]:
     """length -> summarize() of one function of a package, at each of `lengths` (default: every length the
     function accepts). A flexible function is run once per length on the emulator to learn its shapes."""
-    from modernbert_ane.coreml.package import input_lengths
+    package = Package.of(package)
     program = Program(package, function)
     fixed = program.static_length()
-    lengths = [fixed] if fixed is not None else list(lengths or input_lengths(package, program.function))
+    lengths = [fixed] if fixed is not None else list(lengths or package.lengths(program.function))
     return {n: summarize(op_costs(program, n)) for n in lengths}       # n is ignored where the file has the shapes
 
 

@@ -1,54 +1,200 @@
-"""The packages this project writes: their metadata, and running them with Core ML or the emulator.
+"""The packages this project writes, read: `Package` parses one package once (its spec, straight from the files)
+and answers everything about it: its functions, the sequence lengths each accepts, our metadata.
 
-Knows nothing of ModernBERT's modules, only of what a package of ours declares about itself. Core ML
-prediction exists on macOS only; `PackageRunner` is the one place that chooses between it and the
-float16 emulator (`modernbert_ane/coreml/emulator/`), so the macOS path stays thin. On macOS a package is compiled
-once into a cache keyed by its content hash and loaded from there (`load_coreml`).
+Knows nothing of ModernBERT's modules, only of what a package of ours declares about itself. Running a package is
+coreml/runner.py; Core ML on macOS is coreml/macos.py.
 """
-import hashlib
 import json
 import os
-import platform
 import stat
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from modernbert_ane import __version__
 from modernbert_ane.checkpoint import CheckpointError, confined
-from modernbert_ane.output_files import staging_folder
 from modernbert_ane.coreml.quiet_coremltools import import_coremltools
 from modernbert_ane.user_errors import UserError
 
-PROJECT_VERSION = __version__
 METADATA_PREFIX = "modernbert_ane."
-BACKENDS = ("auto", "coreml", "emulate")
 
 
 class PackageError(UserError):
     """A path that is not a readable .mlpackage written by this project."""
 
 
-def package_spec(path):
-    """The package's protobuf spec; a clear error for anything that is not a readable .mlpackage."""
-    path = Path(path)
-    manifest = path / "Manifest.json"
+class Package:
+    """One .mlpackage, its spec parsed once, here; predict, the diff scripts, the runner and the emulator all read
+    this object, so a run parses a package one time. `function` arguments name a function, or in a `--shapes
+    functions` package a head (fill_mask) naming its functions of every length (fill_mask_128, ...); None is
+    the package's default function, or the head it belongs to."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.spec_file = spec_file(self.path)
+        self.spec = parse_spec(self.path, self.spec_file)
+
+    @classmethod
+    def of(cls, package) -> "Package":
+        """`package` when it is a Package already, else the package at that path, read now."""
+        return package if isinstance(package, cls) else cls(package)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ---- functions and lengths
+
+    @property
+    def function_names(self) -> list[str]:
+        """The package's functions, the default first: ["main"] for a single-function package."""
+        names = [f.name for f in self.spec.description.functions]
+        if not names:
+            return ["main"]
+        default = self.spec.description.defaultFunctionName or names[0]
+        return [default] + [n for n in names if n != default]
+
+    def heads(self) -> dict[str, list[str]]:
+        """A package converted with `--shapes functions`: head (the task's name, fill_mask) -> its functions, one
+        per length (fill_mask_128, fill_mask_512), from the metadata's per-function "head"; {} for any other."""
+        stored = self.spec.description.metadata.userDefined.get(METADATA_PREFIX + "functions")
+        if not stored:
+            return {}
+        try:
+            functions = json.loads(stored)
+        except json.JSONDecodeError as e:
+            raise PackageError(f"{self.path} has damaged {METADATA_PREFIX}functions metadata: {e}") from e
+        heads = {}
+        for name in self.function_names:
+            entry = functions.get(name) if isinstance(functions, dict) else None
+            if isinstance(entry, dict) and _is_name(entry.get("head")):
+                heads.setdefault(entry["head"], []).append(name)
+        return heads
+
+    def resolve(self, function: str | None = None) -> tuple[str, list[str]]:
+        """(the name `function` resolves to, the package's functions that serve it); a clear error for a name
+        the package does not have."""
+        names, heads = self.function_names, self.heads()
+        if function is None:
+            function = next((head for head, served in heads.items() if names[0] in served), names[0])
+        if function in heads:
+            return function, heads[function]
+        if function not in names:
+            raise PackageError(f"{self.path} has no function '{function}' (it has {', '.join([*heads, *names])})")
+        return function, [function]
+
+    def description(self, function: str | None = None):
+        """The description holding a function's inputs and outputs (the model's own for a single function; a
+        head's first function's)."""
+        function = self.resolve(function)[1][0]
+        if not self.spec.description.functions:
+            return self.spec.description
+        return next(f for f in self.spec.description.functions if f.name == function)
+
+    def length_functions(self, function: str | None = None) -> dict[int, str]:
+        """length -> the function that runs it, ascending: the same function for every length of an
+        enumerated-shapes package, one function per length for a `--shapes functions` one."""
+        runs = {}
+        for name in self.resolve(function)[1]:
+            for inp in self.description(name).input:
+                if inp.name == "input_ids":
+                    arr = inp.type.multiArrayType
+                    shapes = [list(s.shape) for s in arr.enumeratedShapes.shapes] or [list(arr.shape)]
+                    runs.update({int(s[-1]): name for s in shapes if int(s[-1]) not in runs})
+                    break
+            else:
+                raise PackageError(f"{self.path} has no input_ids input")
+        return dict(sorted(runs.items()))
+
+    def lengths(self, function: str | None = None) -> list[int]:
+        """The sequence lengths a function (or head) accepts (enumerated shapes, one fixed shape, or one per
+        function), ascending."""
+        return list(self.length_functions(function))
+
+    # ---- our metadata
+
+    def metadata(self, function: str | None = None) -> dict:
+        """Our metadata, values parsed back from JSON and checked, for one function (or head). A multi-function
+        package keeps what differs per function (task, output, labels...) under "functions"; the function's
+        entries are merged in. Added: "function" (its name), "function_names" (the package's) and
+        "length_functions" (length -> function; {} without an input_ids input)."""
+        raw = dict(self.spec.description.metadata.userDefined)
+        ours = {k[len(METADATA_PREFIX):]: v for k, v in raw.items() if k.startswith(METADATA_PREFIX)}
+        if "task" not in ours and "functions" not in ours:
+            raise PackageError(f"{self.path} was not written by this project's convert.py (no "
+                               f"{METADATA_PREFIX}task metadata)")
+        try:
+            meta = {key: json.loads(value) for key, value in ours.items()}
+        except json.JSONDecodeError as e:
+            raise PackageError(f"{self.path} has damaged {METADATA_PREFIX}* metadata: {e}") from e
+        function, served = self.resolve(function)
+        per_function = meta.pop("functions", None)
+        if per_function is not None:
+            if not isinstance(per_function, dict) or not all(isinstance(per_function.get(f), dict) for f in served):
+                raise PackageError(f"{self.path} has damaged {METADATA_PREFIX}functions metadata (no entry for "
+                                   f"'{function}')")
+            meta.update(per_function[served[0]])
+            if len(served) > 1:                         # a head: every length's function, its costs by length
+                meta["seq_lengths"] = sorted(n for f in served for n in per_function[f].get("seq_lengths") or [])
+                meta["cost"] = {k: v for f in served for k, v in (per_function[f].get("cost") or {}).items()}
+        if "task" not in meta:
+            raise PackageError(f"{self.path} has no task for function '{function}' in its metadata")
+        meta = check_metadata(meta, self.path)
+        meta["function"], meta["function_names"] = function, self.function_names
+        try:
+            meta["length_functions"] = self.length_functions(function)
+        except PackageError:            # no input_ids: Package.lengths says so where the lengths are needed
+            meta["length_functions"] = {}
+        return meta
+
+    def write_metadata(self, metadata: dict) -> None:
+        """Store our metadata in the spec (call save() to write it), every value JSON-encoded, sorted, so the
+        same options give the same bytes."""
+        stored = self.spec.description.metadata.userDefined
+        for key in [k for k in stored if k.startswith(METADATA_PREFIX)]:
+            del stored[key]
+        for key in sorted(metadata):
+            if metadata[key] is not None:
+                stored[METADATA_PREFIX + key] = json.dumps(metadata[key], sort_keys=True)   # typed on read
+
+    def save(self) -> None:
+        """Write the edited spec back into the package (its weights are untouched)."""
+        self.spec_file.write_bytes(self.spec.SerializeToString(deterministic=True))
+
+
+def read_metadata(path, function: str | None = None) -> dict:
+    """Package(path).metadata(function): for a caller that wants nothing else of the package."""
+    return Package(path).metadata(function)
+
+
+def written_by_convert(path) -> bool:
+    """Whether `path` is a package a previous convert.py wrote (what `convert.py --force` may replace)."""
+    try:
+        stored = Package(path).spec.description.metadata.userDefined
+    except UserError:
+        return False
+    return any(k.startswith(METADATA_PREFIX) for k in stored)
+
+
+def spec_file(path: Path) -> Path:
+    """The package's model spec file, after checking it is a package whose files all stay inside it."""
     if not path.exists():
         raise PackageError(f"no such package: {path}")
-    if not path.is_dir() or not manifest.is_file():
+    if not path.is_dir() or not (path / "Manifest.json").is_file():
         raise PackageError(f"{path} is not an .mlpackage (no Manifest.json)")
     check_package_files(path)
+    return model_file(path)
+
+
+def parse_spec(path: Path, file: Path):
+    """The protobuf spec in `file`; a clear error for a damaged one."""
     import_coremltools()
     from coremltools.proto import Model_pb2
-    # The files are read directly: coremltools' load_spec opens a package read-write and rewrites its
+    # The file is read directly: coremltools' load_spec opens a package read-write and rewrites its
     # Manifest.json, so that merely reading a package would change it.
-    spec_file, spec = model_file(path), Model_pb2.Model()
+    spec = Model_pb2.Model()
     try:
-        spec.ParseFromString(spec_file.read_bytes())
+        spec.ParseFromString(file.read_bytes())
     except OSError as e:
-        raise PackageError(f"cannot read {path}: {spec_file.relative_to(path)}: {e.strerror or e}") from e
+        raise PackageError(f"cannot read {path}: {file.relative_to(path)}: {e.strerror or e}") from e
     except Exception as e:
         raise PackageError(f"cannot read {path} as a Core ML package (damaged?): {type(e).__name__}: {e}") from e
     return spec
@@ -70,113 +216,21 @@ def check_package_files(path: Path) -> None:
                                    f"(a FIFO, device, socket or dangling link); is the package damaged?")
 
 
-def written_by_convert(path) -> bool:
-    """Whether `path` is a package a previous convert.py wrote (what `convert.py --force` may replace)."""
+def model_file(path) -> Path:
+    """The package's model spec file (Manifest.json's root model item)."""
+    path = Path(path)
     try:
-        spec = package_spec(path)
-    except UserError:
-        return False
-    return any(k.startswith(METADATA_PREFIX) for k in spec.description.metadata.userDefined)
-
-
-def write_metadata(spec, metadata: dict) -> None:
-    """Store our metadata in a spec, every value JSON-encoded (sorted, so the same options give the same bytes)."""
-    stored = spec.description.metadata.userDefined
-    for key in [k for k in stored if k.startswith(METADATA_PREFIX)]:
-        del stored[key]
-    for key in sorted(metadata):
-        value = metadata[key]
-        if value is None:
-            continue
-        stored[METADATA_PREFIX + key] = json.dumps(value, sort_keys=True)            # typed on read
-
-
-def function_names(spec) -> list[str]:
-    """The package's functions, the default first: ["main"] for a single-function package."""
-    names = [f.name for f in spec.description.functions]
-    if not names:
-        return ["main"]
-    default = spec.description.defaultFunctionName or names[0]
-    return [default] + [n for n in names if n != default]
-
-
-def function_heads(spec, path) -> dict[str, list[str]]:
-    """A package converted with `--shapes functions`: head (the task's name, fill_mask) -> its functions, one per
-    length (fill_mask_128, fill_mask_512), from the metadata's per-function "head"; {} for any other package."""
-    stored = spec.description.metadata.userDefined.get(METADATA_PREFIX + "functions")
-    if not stored:
-        return {}
+        manifest = json.loads((path / "Manifest.json").read_text())
+        items = {key: item["path"] for key, item in manifest["itemInfoEntries"].items()}
+        name = items[manifest["rootModelIdentifier"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PackageError(f"{path} has a damaged Manifest.json: {type(e).__name__}: {e}") from e
     try:
-        functions = json.loads(stored)
-    except json.JSONDecodeError as e:
-        raise PackageError(f"{path} has damaged {METADATA_PREFIX}functions metadata: {e}") from e
-    heads = {}
-    for name in function_names(spec):
-        entry = functions.get(name) if isinstance(functions, dict) else None
-        if isinstance(entry, dict) and _is_name(entry.get("head")):
-            heads.setdefault(entry["head"], []).append(name)
-    return heads
-
-
-def resolve_functions(spec, function: str | None, path) -> tuple[str, list[str]]:
-    """(the name `function` resolves to, the package's functions that serve it). `function` is a function, or in
-    a `--shapes functions` package a head naming its functions of every length; None: the default function, or
-    the head it belongs to. A clear error for a name the package does not have."""
-    names, heads = function_names(spec), function_heads(spec, path)
-    if function is None:
-        function = next((head for head, served in heads.items() if names[0] in served), names[0])
-    if function in heads:
-        return function, heads[function]
-    if function not in names:
-        raise PackageError(f"{path} has no function '{function}' (it has {', '.join([*heads, *names])})")
-    return function, [function]
-
-
-def resolve_function(spec, function: str | None, path) -> str:
-    """`function`, or the package's default when None; a clear error for a function it does not have."""
-    return resolve_functions(spec, function, path)[0]
-
-
-def function_description(spec, function: str | None, path):
-    """The description holding a function's inputs and outputs (the model's own for a single function; a head's
-    first function's)."""
-    function = resolve_functions(spec, function, path)[1][0]
-    if not spec.description.functions:
-        return spec.description
-    return next(f for f in spec.description.functions if f.name == function)
-
-
-def read_metadata(path, function: str | None = None) -> dict:
-    """Our metadata of a package, values parsed back from JSON, for one of its functions (default: the
-    package's default). A multi-function package keeps what differs per function (task, output, labels...)
-    under "functions"; the function's entries are merged in, and "function" names it."""
-    spec = package_spec(path)
-    raw = dict(spec.description.metadata.userDefined)
-    ours = {k[len(METADATA_PREFIX):]: v for k, v in raw.items() if k.startswith(METADATA_PREFIX)}
-    if "task" not in ours and "functions" not in ours:
-        raise PackageError(f"{path} was not written by this project's convert.py (no {METADATA_PREFIX}task metadata)")
-    try:
-        meta = {key: json.loads(value) for key, value in ours.items()}
-    except json.JSONDecodeError as e:
-        raise PackageError(f"{path} has damaged {METADATA_PREFIX}* metadata: {e}") from e
-    function, served = resolve_functions(spec, function, path)
-    per_function = meta.pop("functions", None)
-    if per_function is not None:
-        if not isinstance(per_function, dict) or not all(isinstance(per_function.get(f), dict) for f in served):
-            raise PackageError(f"{path} has damaged {METADATA_PREFIX}functions metadata (no entry for '{function}')")
-        meta.update(per_function[served[0]])
-        if len(served) > 1:                         # a head: every length's function, its costs by length
-            meta["seq_lengths"] = sorted(n for f in served for n in per_function[f].get("seq_lengths") or [])
-            meta["cost"] = {k: v for f in served for k, v in (per_function[f].get("cost") or {}).items()}
-    if "task" not in meta:
-        raise PackageError(f"{path} has no task for function '{function}' in its metadata")
-    meta = check_metadata(meta, path)
-    meta["function"], meta["function_names"] = function, function_names(spec)
-    try:
-        meta["length_functions"] = length_functions(spec, function, path)
-    except PackageError:            # no input_ids: input_lengths() says so where the lengths are needed
-        meta["length_functions"] = {}
-    return meta
+        for item in items.values():                           # Core ML reads every item: all stay inside
+            confined(path / "Data", item, f"{path / 'Manifest.json'}: item path")
+        return confined(path / "Data", name, f"{path / 'Manifest.json'}: item path")
+    except CheckpointError as e:
+        raise PackageError(str(e)) from e
 
 
 def _is_int(v, low: int) -> bool:
@@ -251,50 +305,6 @@ def check_token_ids(seqs: list[list[int]], vocab_size: int | None, path, what=la
                             f"is --tokenizer the model's own tokenizer?")
 
 
-def input_lengths(path, function: str | None = None) -> list[int]:
-    """The sequence lengths a package (function, or head of a `--shapes functions` package) accepts (enumerated
-    shapes, one fixed shape, or one per function), ascending."""
-    return sorted(length_functions(package_spec(path), function, path))
-
-
-def length_functions(spec, function: str | None, path) -> dict[int, str]:
-    """length -> the function that runs it, for `function` (see resolve_functions), ascending: the same function
-    for every length of an enumerated-shapes package, one function per length for a `--shapes functions` one."""
-    runs = {}
-    for name in resolve_functions(spec, function, path)[1]:
-        for inp in function_description(spec, name, path).input:
-            if inp.name == "input_ids":
-                arr = inp.type.multiArrayType
-                shapes = [list(s.shape) for s in arr.enumeratedShapes.shapes] or [list(arr.shape)]
-                runs.update({int(s[-1]): name for s in shapes if int(s[-1]) not in runs})
-                break
-        else:
-            raise PackageError(f"{path} has no input_ids input")
-    return dict(sorted(runs.items()))
-
-
-def model_file(path) -> Path:
-    """The package's model spec file (Manifest.json's root model item)."""
-    path = Path(path)
-    try:
-        manifest = json.loads((path / "Manifest.json").read_text())
-        items = {key: item["path"] for key, item in manifest["itemInfoEntries"].items()}
-        name = items[manifest["rootModelIdentifier"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise PackageError(f"{path} has a damaged Manifest.json: {type(e).__name__}: {e}") from e
-    try:
-        for item in items.values():                           # Core ML reads every item: all stay inside
-            confined(path / "Data", item, f"{path / 'Manifest.json'}: item path")
-        return confined(path / "Data", name, f"{path / 'Manifest.json'}: item path")
-    except CheckpointError as e:
-        raise PackageError(str(e)) from e
-
-
-def save_spec(path, spec) -> None:
-    """Write an edited spec back into a package (its weights are untouched)."""
-    model_file(path).write_bytes(spec.SerializeToString(deterministic=True))
-
-
 def tokenizer_revision(meta: dict) -> str | None:
     """The hub revision a package's tokenizer is loaded at: the commit it was converted from when the tokenizer
     is the checkpoint's own (metadata "tokenizer" == "source"); None for a tokenizer named separately."""
@@ -320,255 +330,3 @@ def package_inputs(seqs: list[list[int]], length: int, pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend '{backend}' (one of {', '.join(BACKENDS)})")
-    on_mac = sys.platform == "darwin"
-    if backend == "coreml" and not on_mac:
-        raise UserError(f"--backend coreml needs macOS (Core ML prediction does not exist on {platform.system()}); "
-                        f"use --backend emulate")
-    if backend == "auto":
-        return "coreml" if on_mac else "emulate"
-    return backend
-
-
-# ----------------------------------------------------------------------------- Core ML on macOS
-# Every call into Core ML is in one function below: compile_package (compile to .mlmodelc), load_coreml (the
-# one place a model is loaded), compute_plan_records (MLComputePlan). The rest runs, and is tested, on any OS.
-
-# --compute-units name -> ct.ComputeUnit member (the names coremltools exposes on every OS)
-COMPUTE_UNITS = {"all": "ALL", "cpu-and-ne": "CPU_AND_NE", "cpu-and-gpu": "CPU_AND_GPU", "cpu-only": "CPU_ONLY"}
-DEFAULT_COMPUTE_UNITS = "cpu-and-ne"               # the Neural Engine, with the CPU for what it cannot run
-CACHE_DIR_NAME = "modernbert-ane"
-
-
-def compute_unit(name: str):
-    """The ct.ComputeUnit of a --compute-units name."""
-    if name not in COMPUTE_UNITS:
-        raise UserError(f"unknown compute units '{name}' (one of {', '.join(COMPUTE_UNITS)})")
-    return getattr(import_coremltools().ComputeUnit, COMPUTE_UNITS[name])
-
-
-def package_hash(path) -> str:
-    """SHA-256 of a package's files (relative paths and contents, in sorted order): the same bytes give the
-    same key wherever the package lies, and any changed, added or renamed file gives another."""
-    path, digest = Path(path), hashlib.sha256()
-    for file in sorted(f for f in path.rglob("*") if f.is_file()):
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-def cache_dir(platform_name: str | None = None) -> Path:
-    """Where compiled packages are kept: $XDG_CACHE_HOME when set, else ~/Library/Caches on macOS and
-    ~/.cache elsewhere; a modernbert-ane folder inside."""
-    platform_name = platform_name or sys.platform
-    base = os.environ.get("XDG_CACHE_HOME")
-    if not base or not os.path.isabs(base):                      # the XDG spec: a relative path is ignored
-        base = Path.home() / ("Library/Caches" if platform_name == "darwin" else ".cache")
-    return Path(base).expanduser() / CACHE_DIR_NAME
-
-
-def compiled_path(package, digest: str | None = None) -> Path:
-    """The cache entry of a package: <cache>/<content hash>.mlmodelc."""
-    return cache_dir() / f"{digest or package_hash(package)}.mlmodelc"
-
-
-def compile_package(package, target: Path) -> None:
-    """Compile a package with Core ML into `target` (an .mlmodelc), atomically: built beside it and renamed;
-    a copy another process put there first is kept."""
-    ct = import_coremltools()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with staging_folder(target) as staging:
-        built = ct.utils.compile_model(str(package), str(staging / target.name))
-        try:
-            os.replace(built, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-
-
-def load_coreml(package, compute_units: str = DEFAULT_COMPUTE_UNITS, function: str | None = None,
-                use_cache: bool = True):
-    """(model, load report) for a package on macOS: the one place Core ML loads a model. With the cache, the
-    package is compiled once to <cache>/<content hash>.mlmodelc and later loads read that (CompiledMLModel);
-    without it, MLModel compiles it again. The report gives the times in seconds and whether the cache hit."""
-    ct = import_coremltools()
-    units = compute_unit(compute_units)
-    named = {"function_name": function} if function else {}
-    report = {"compute_units": compute_units, "cache": "off", "hash_s": 0.0, "compile_s": 0.0}
-    start = time.perf_counter()
-    if not use_cache:
-        model = ct.models.MLModel(str(package), compute_units=units, **named)      # compiles, then loads
-        report["load_s"] = time.perf_counter() - start
-        return model, report
-    target = compiled_path(package)
-    report["hash_s"] = time.perf_counter() - start
-    report["cache"], report["compiled_path"] = ("hit" if target.is_dir() else "miss"), str(target)
-    if report["cache"] == "miss":
-        start = time.perf_counter()
-        compile_package(package, target)
-        report["compile_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    model = ct.models.CompiledMLModel(str(target), compute_units=units, **named)
-    report["load_s"] = time.perf_counter() - start
-    return model, report
-
-
-# MLComputePlan's device classes -> the names our reports use
-DEVICE_NAMES = {"MLNeuralEngineComputeDevice": "neural_engine", "MLGPUComputeDevice": "gpu", "MLCPUComputeDevice": "cpu"}
-
-
-def compute_plan_records(compiled, compute_units: str = DEFAULT_COMPUTE_UNITS, function: str = "main") -> list[dict]:
-    """Where Core ML plans to run each op of a compiled model (.mlmodelc), macOS 14.4+ (MLComputePlan): one
-    plain record per non-constant op, {"name" (its first output, as in the package), "op_type", "device"
-    (neural_engine, gpu, cpu or None when unknown), "supported" (devices), "cost" (Core ML's estimated share
-    of the model's work, or None)}."""
-    import_coremltools()                                          # quietly, before its submodule
-    from coremltools.models.compute_plan import MLComputePlan
-    plan = MLComputePlan.load_from_path(path=str(compiled), compute_units=compute_unit(compute_units))
-    program = plan.model_structure.program
-    if program is None:
-        raise PackageError(f"{compiled} is not an ML Program")
-    records = []
-    for op in program.functions[function].block.operations:
-        if op.operator_name == "const":
-            continue
-        usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
-        cost = plan.get_estimated_cost_for_mlprogram_operation(op)
-        device = lambda d: DEVICE_NAMES.get(type(d).__name__, type(d).__name__)
-        records.append({"name": op.outputs[0].name if op.outputs else "", "op_type": op.operator_name,
-                        "device": device(usage.preferred_compute_device) if usage else None,
-                        "supported": [device(d) for d in usage.supported_compute_devices] if usage else [],
-                        "cost": cost.weight if cost else None})
-    return records
-
-
-NEURAL_ENGINE = "neural_engine"
-
-
-def placement_summary(records: list[dict], op_flops: dict[str, int]) -> dict:
-    """Aggregate compute-plan records (mlpackage.compute_plan_records) with per-op FLOPs (first output name ->
-    FLOPs, package_cost.op_costs): the share of ops and of FLOPs on the Neural Engine, ops per device, and
-    every op placed elsewhere grouped by type (count, FLOPs, devices, up to 3 op names)."""
-    devices, fallbacks = {}, {}
-    total_flops = sum(op_flops.get(r["name"], 0) for r in records)
-    ne_ops = ne_flops = 0
-    for r in records:
-        device, flops = r["device"] or "unknown", op_flops.get(r["name"], 0)
-        devices[device] = devices.get(device, 0) + 1
-        if device == NEURAL_ENGINE:
-            ne_ops, ne_flops = ne_ops + 1, ne_flops + flops
-            continue
-        group = fallbacks.setdefault(r["op_type"], {"count": 0, "flops": 0, "devices": {}, "examples": []})
-        group["count"] += 1
-        group["flops"] += flops
-        group["devices"][device] = group["devices"].get(device, 0) + 1
-        if len(group["examples"]) < 3:
-            group["examples"].append(r["name"])
-    return {"ops": len(records), "ops_by_device": dict(sorted(devices.items())),
-            "neural_engine_op_share": ne_ops / len(records) if records else None,
-            "neural_engine_flop_share": ne_flops / total_flops if total_flops else None,
-            "fallbacks": dict(sorted(fallbacks.items(), key=lambda kv: (-kv[1]["count"], kv[0])))}
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f} %"
-
-
-def format_placement(units: str, summary: dict) -> str:
-    """The placement summary in words: shares, then each fallback type."""
-    devices = ", ".join(f"{d} {n}" for d, n in summary["ops_by_device"].items())
-    lines = [f"{units}: {summary['ops']} ops ({devices}); on the Neural Engine: "
-             f"{_pct(summary['neural_engine_op_share'])} of ops, {_pct(summary['neural_engine_flop_share'])} of FLOPs"]
-    if not summary["fallbacks"]:
-        lines.append("  every op on the Neural Engine")
-    for op_type, g in summary["fallbacks"].items():
-        where = ", ".join(f"{d} {n}" for d, n in sorted(g["devices"].items()))
-        lines.append(f"  off the Neural Engine: {op_type} x{g['count']} ({where}; {g['flops'] / 1e9:.3g} GFLOP), "
-                     f"e.g. {', '.join(g['examples'])}")
-    return "\n".join(lines)
-
-
-def per_op_flops(package, function: str | None, length: int) -> dict[str, int]:
-    """op name (its first output, as in compute-plan records) -> FLOPs (coreml/cost.py), one function at `length`."""
-    from modernbert_ane.coreml.cost import Program, op_costs                  # it imports this module
-    program = Program(package, function)
-    return {c.name: c.flops for c in op_costs(program, length)}
-
-
-def describe_backend(backend: str, compute_units: str | None = None, load_report: dict | None = None) -> str:
-    """The backend in words, for stderr: 'Core ML (cpu-and-ne, loaded from the cache in 0.4 s ...)'."""
-    if backend == "coreml":
-        return f"Core ML ({compute_units}, {describe_load(load_report)})"
-    return "float16 emulator"
-
-
-def describe_load(report: dict) -> str:
-    """One line on how Core ML got the model, for stderr."""
-    if report["cache"] == "off":
-        return f"compiled and loaded in {report['load_s']:.1f} s (--no-cache)"
-    if report["cache"] == "miss":
-        return (f"compiled in {report['compile_s']:.1f} s into the cache, loaded in {report['load_s']:.1f} s "
-                f"(hash {report['hash_s']:.1f} s)")
-    return f"loaded from the cache in {report['load_s']:.1f} s (hash {report['hash_s']:.1f} s)"
-
-
-class PackageRunner:
-    """Loads a package once and runs it: Core ML on the Neural Engine (macOS) or the emulator. `function` may be
-    a head of a `--shapes functions` package: each of its functions (one per length) is loaded, and `predict`
-    runs the one of the input's length."""
-
-    def __init__(self, path, backend: str = "auto", pessimistic: bool = False, function: str | None = None,
-                 compute_units: str = DEFAULT_COMPUTE_UNITS, use_cache: bool = True):
-        self.path, self.backend = Path(path), resolve_backend(backend)
-        compute_unit(compute_units)                   # an unknown name: the same error on every OS
-        spec = package_spec(self.path)                # the clear error for a missing or foreign path, first
-        self.function = resolve_function(spec, function, self.path)
-        self.functions = length_functions(spec, self.function, self.path)          # length -> function
-        self.compute_units, self.load_report, self._models = compute_units, None, {}
-        try:
-            for name in dict.fromkeys(reversed(self.functions.values())):          # the largest length's first
-                if self.backend == "coreml":
-                    model, report = load_coreml(self.path, compute_units, name if spec.description.functions else None,
-                                                use_cache)
-                    self.load_report = self.load_report or report                  # the first load: the compile
-                else:
-                    from modernbert_ane.coreml.emulator import MLProgramEmulator
-                    model = MLProgramEmulator(str(self.path), function_name=name, pessimistic=pessimistic)
-                self._models[name] = model
-        except NotImplementedError:                   # an op the emulator lacks: its own message
-            raise
-        except (OSError, ValueError, RuntimeError) as e:  # the weights: missing, truncated, damaged
-            raise PackageError(f"cannot load {self.path} (damaged? e.g. a truncated weight.bin): "
-                               f"{type(e).__name__}: {e}") from e
-
-    def op_inputs(self) -> dict:
-        """op name -> parameter -> names read, for the ops `predict(observe=)` reports (emulator only; every
-        function's)."""
-        if self.backend != "emulate":
-            return {}
-        return {op: read for model in self._models.values() for op, read in model.op_inputs.items()}
-
-    def model_for(self, length: int):
-        """The loaded function that runs `length` tokens: a clear error for a length the package does not take."""
-        if length not in self.functions:
-            raise UserError(f"{self.path} takes no input of {length} tokens (it takes "
-                            f"{', '.join(map(str, self.functions))})")
-        return self._models[self.functions[length]]
-
-    def describe(self) -> str:
-        return describe_backend(self.backend, self.compute_units, self.load_report)
-
-    def predict(self, inputs: dict, observe=None) -> dict:
-        """inputs: name -> int32 array. observe(op_name, op_type, value) sees every op (emulator only)."""
-        inputs = {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in inputs.items()}
-        model = self.model_for(inputs["input_ids"].shape[-1])
-        if self.backend == "coreml":
-            outputs = model.predict(inputs)
-        else:
-            outputs = model.predict(inputs, observe=observe)
-        return {k: np.asarray(v, dtype=np.float32) for k, v in outputs.items()}

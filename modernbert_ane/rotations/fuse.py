@@ -38,6 +38,10 @@ from modernbert_ane.rotations.hadamard import rotation_matrix
 ROTATION_KINDS = ("hadamard", "random", "identity", "none")
 SEEDED_KINDS = ("hadamard", "random", "learned")
 LEARNED = "learned"              # Q given by rotations/learned.py (started from the seed's Hadamard)
+# The two C x C convs a rotation adds (module names). Compression keeps them float16: `embeddings.proj` carries the
+# embedding norm's weight, thousands on massive channels, which one int8 scale or palette per row would crush
+# (convert.compress_weights); W8A8 leaves their inputs float16 too (activation_quant).
+ROTATION_CONVS = ("embeddings.proj", "final_proj")
 
 
 def conv_weight(conv: nn.Conv2d) -> np.ndarray:

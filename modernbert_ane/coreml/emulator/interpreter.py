@@ -21,10 +21,11 @@ class MLProgramEmulator:
     See the module docstring for the numerics and the pessimistic mode.
     """
 
-    def __init__(self, package_path, function_name: str = "main", pessimistic: bool = False):
+    def __init__(self, package_path, function_name: str = "main", pessimistic: bool = False, spec=None):
+        """spec: the package's parsed spec, when the caller has it (it is not parsed again)."""
         self.package_path = os.fspath(package_path)
         self.pessimistic = bool(pessimistic)
-        spec, weights_dir = read_package(package_path)
+        spec, weights_dir = read_package(package_path, spec)
         self._spec = spec
         functions = spec.mlProgram.functions
         if function_name not in functions:

@@ -13,9 +13,29 @@ def import_ct():
     return import_coremltools()
 
 
-def read_package(package_path):
-    """Return (spec, weights_dir) for an .mlpackage, or raise NotAnMLPackageError."""
+def read_package(package_path, spec=None):
+    """Return (spec, weights_dir) for an .mlpackage, or raise NotAnMLPackageError. `spec`: the package's spec
+    when the caller has parsed it already (it is not parsed again)."""
     p = os.fspath(package_path)
+    model_file = spec_file(p)
+    if spec is None:
+        import_ct()
+        from coremltools.proto import Model_pb2
+
+        spec = Model_pb2.Model()
+        try:
+            with open(model_file, "rb") as f:
+                spec.ParseFromString(f.read())
+        except Exception as e:  # protobuf DecodeError and friends
+            raise NotAnMLPackageError(f"unreadable model specification in {p}: {type(e).__name__}") from None
+    kind = spec.WhichOneof("Type")
+    if kind != "mlProgram":
+        raise NotAnMLPackageError(f"not an ML Program package ({kind or 'empty'} model): {p}")
+    return spec, os.path.join(os.path.dirname(model_file), "weights")
+
+
+def spec_file(p: str) -> str:
+    """The model specification file of the .mlpackage at `p` (Manifest.json's root item, else the usual path)."""
     if not os.path.exists(p):
         raise NotAnMLPackageError(f"no such .mlpackage: {p}")
     if not os.path.isdir(p):
@@ -35,19 +55,7 @@ def read_package(package_path):
         model_file = os.path.join(p, "Data", "com.apple.CoreML", "model.mlmodel")
     if not os.path.isfile(model_file):
         raise NotAnMLPackageError(f"not an .mlpackage (no model specification file): {p}")
-    import_ct()
-    from coremltools.proto import Model_pb2
-
-    spec = Model_pb2.Model()
-    try:
-        with open(model_file, "rb") as f:
-            spec.ParseFromString(f.read())
-    except Exception as e:  # protobuf DecodeError and friends
-        raise NotAnMLPackageError(f"unreadable model specification in {p}: {type(e).__name__}") from None
-    kind = spec.WhichOneof("Type")
-    if kind != "mlProgram":
-        raise NotAnMLPackageError(f"not an ML Program package ({kind or 'empty'} model): {p}")
-    return spec, os.path.join(os.path.dirname(model_file), "weights")
+    return model_file
 
 
 ARRAY_DTYPES = {
