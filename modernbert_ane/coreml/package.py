@@ -218,15 +218,14 @@ def check_package_files(path: Path) -> None:
 
 def model_file(path) -> Path:
     """The package's model spec file (Manifest.json's root model item)."""
+    from modernbert_ane.coreml.emulator.loader import manifest_items     # the one reader of Manifest.json
     path = Path(path)
     try:
-        manifest = json.loads((path / "Manifest.json").read_text())
-        items = {key: item["path"] for key, item in manifest["itemInfoEntries"].items()}
-        name = items[manifest["rootModelIdentifier"]]
+        name, items = manifest_items(str(path))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise PackageError(f"{path} has a damaged Manifest.json: {type(e).__name__}: {e}") from e
     try:
-        for item in items.values():                           # Core ML reads every item: all stay inside
+        for item in items:                                    # Core ML reads every item: all stay inside
             confined(path / "Data", item, f"{path / 'Manifest.json'}: item path")
         return confined(path / "Data", name, f"{path / 'Manifest.json'}: item path")
     except CheckpointError as e:

@@ -34,6 +34,15 @@ def read_package(package_path, spec=None):
     return spec, os.path.join(os.path.dirname(model_file), "weights")
 
 
+def manifest_items(p: str) -> tuple[str, list[str]]:
+    """(the root model item's path, every item's path) from the package's Manifest.json, relative to its Data
+    folder; the JSON or key errors of a damaged manifest are the caller's to word."""
+    with open(os.path.join(p, "Manifest.json")) as f:
+        manifest = json.load(f)
+    items = {key: item["path"] for key, item in manifest["itemInfoEntries"].items()}
+    return items[manifest["rootModelIdentifier"]], list(items.values())
+
+
 def spec_file(p: str) -> str:
     """The model specification file of the .mlpackage at `p` (Manifest.json's root item, else the usual path)."""
     if not os.path.exists(p):
@@ -45,11 +54,8 @@ def spec_file(p: str) -> str:
         raise NotAnMLPackageError(f"not an .mlpackage (no Manifest.json): {p}")
     model_file = None
     try:
-        with open(manifest) as f:
-            m = json.load(f)
-        entry = m["itemInfoEntries"][m["rootModelIdentifier"]]
-        model_file = os.path.join(p, "Data", entry["path"])
-    except (OSError, ValueError, KeyError, TypeError):
+        model_file = os.path.join(p, "Data", manifest_items(p)[0])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         model_file = None
     if model_file is None or not os.path.isfile(model_file):
         model_file = os.path.join(p, "Data", "com.apple.CoreML", "model.mlmodel")
