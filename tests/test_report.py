@@ -73,19 +73,11 @@ def test_page_embeds_both_plots_and_the_metrics(written):
     assert not re.search(r'(src|href)="(?!data:)', page)                                    # nothing fetched
 
 
-PLACEMENT_RECORDS = [  # what coreml/macos.py's compute_plan_records returns on a Mac
-    {"name": "qkv", "op_type": "conv", "device": "neural_engine", "supported": ["neural_engine"], "cost": 0.6},
-    {"name": "scores", "op_type": "einsum", "device": "neural_engine", "supported": ["neural_engine"], "cost": 0.2},
-    {"name": "emb", "op_type": "gather", "device": "cpu", "supported": ["cpu"], "cost": 0.0},
-    {"name": "emb_<2>", "op_type": "gather", "device": "gpu", "supported": ["cpu", "gpu"], "cost": 0.0},
-    {"name": "probs", "op_type": "softmax", "device": "cpu", "supported": ["cpu"], "cost": 0.2},
-]
-
-
 def test_placement_section_shows_shares_and_fallbacks_by_type(tmp_path):
     """Synthetic compute-plan records through coreml/placement.py's placement_summary (what diff_coreml.py passes) into the
     page: the Neural Engine's share of ops and of FLOPs, ops per device, each fallback type with its devices."""
     from modernbert_ane.coreml.placement import placement_summary
+    from test_placement import PLACEMENT_RECORDS
     summary = placement_summary(PLACEMENT_RECORDS, {"qkv": 6e9, "scores": 2e9, "probs": 2e9})
     report.write_report(str(tmp_path / "r"), **sample(), placement={"cpu-and-ne": summary, "all": summary})
     page = (tmp_path / "r" / "index.html").read_text()

@@ -4,13 +4,12 @@ placed elsewhere. Runs on any OS.
 """
 from modernbert_ane.coreml.cost import Program, op_costs
 
-
 NEURAL_ENGINE = "neural_engine"
 
 
 def placement_summary(records: list[dict], op_flops: dict[str, int]) -> dict:
-    """Aggregate compute-plan records (mlpackage.compute_plan_records) with per-op FLOPs (first output name ->
-    FLOPs, package_cost.op_costs): the share of ops and of FLOPs on the Neural Engine, ops per device, and
+    """Aggregate compute-plan records (macos.compute_plan_records) with per-op FLOPs (first output name ->
+    FLOPs, cost.op_costs): the share of ops and of FLOPs on the Neural Engine, ops per device, and
     every op placed elsewhere grouped by type (count, FLOPs, devices, up to 3 op names)."""
     devices, fallbacks = {}, {}
     total_flops = sum(op_flops.get(r["name"], 0) for r in records)
