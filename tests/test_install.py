@@ -29,9 +29,18 @@ def venv(tmp_path_factory):
     return env_dir, tmp
 
 
+def start(venv_dir: Path, cwd: Path, *cmd) -> subprocess.Popen:
+    return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env={"PATH": f"{venv_dir / 'bin'}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(cwd)})
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def run(venv_dir: Path, cwd: Path, *cmd):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd,
-                          env={"PATH": f"{venv_dir / 'bin'}:/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(cwd)})
+    return finish(start(venv_dir, cwd, *cmd))
 
 
 def test_installs_one_top_level_name(venv):
@@ -47,17 +56,23 @@ def test_installs_one_top_level_name(venv):
 
 def test_console_scripts_and_api_work(venv, checkpoint_factory):
     env_dir, tmp = venv
-    for script in ("convert", "predict", "diff-torch", "diff-coreml"):
-        done = run(env_dir, tmp, env_dir / "bin" / f"modernbert-ane-{script}", "--help")
-        assert done.returncode == 0 and "usage:" in done.stdout, (script, done.stderr[-1500:])
     folder = checkpoint_factory("tiny", "fill-mask")
     package = tmp / "tiny.mlpackage"
-    done = run(env_dir, tmp, env_dir / "bin" / "modernbert-ane-convert", folder, "-o", package, "--seq-len", "32",
-               "--rotation", "none", "--skip-check")
+    # processes that do not depend on each other run side by side (each spends seconds importing torch)
+    converting = start(env_dir, tmp, env_dir / "bin" / "modernbert-ane-convert", folder, "-o", package, "--seq-len",
+                       "32", "--rotation", "none", "--skip-check")
+    scripts = ("convert", "predict", "diff-torch", "diff-coreml")
+    helps = {script: start(env_dir, tmp, env_dir / "bin" / f"modernbert-ane-{script}", "--help") for script in scripts}
+    for script, process in helps.items():
+        done = finish(process)
+        assert done.returncode == 0 and "usage:" in done.stdout, (script, done.stderr[-1500:])
+    done = finish(converting)
     assert done.returncode == 0 and package.is_dir(), done.stderr[-2000:]
-    done = run(env_dir, tmp, env_dir / "bin" / "modernbert-ane-convert", folder, "-o", package)
-    assert done.returncode == 2 and done.stderr.startswith("error:") and len(done.stderr.splitlines()) == 1
+    refusing = start(env_dir, tmp, env_dir / "bin" / "modernbert-ane-convert", folder, "-o", package)
     code = ("from modernbert_ane.api import Predictor; import sys; "
             "print(Predictor(sys.argv[1], backend='emulate').fill_mask(['a [MASK] b'])[0][0][0]['token'])")
-    done = run(env_dir, tmp, env_dir / "bin" / "python", "-c", code, package)
+    predicting = start(env_dir, tmp, env_dir / "bin" / "python", "-c", code, package)
+    done = finish(refusing)
+    assert done.returncode == 2 and done.stderr.startswith("error:") and len(done.stderr.splitlines()) == 1
+    done = finish(predicting)
     assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]

@@ -8,18 +8,32 @@ SMALL = ["--corpus-files", "50", "--steps", "4", "--batch-size", "2", "--seq-len
          "--held-out-sequences", "4", "--save-every", "100"]
 
 
-def train(tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "bench/train_reference.py", *SMALL, "--out", str(tmp_path / name),
+def start(tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
+    """One run, started (--threads 1: two runs side by side use the two cores)."""
+    return subprocess.Popen([sys.executable, "bench/train_reference.py", *SMALL, "--out", str(tmp_path / name),
                              "--work", str(tmp_path / f"{name}-work"), *extra],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 
 
+def train(tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    return finish(start(tmp_path, name, *extra))
+
+
 def test_resumed_training_gives_the_same_checkpoint(tmp_path):
-    straight = train(tmp_path, "a")
+    straight_run, stopped_run = start(tmp_path, "a"), start(tmp_path, "b", "--stop-after", "2")   # independent
+    straight, stopped = finish(straight_run), finish(stopped_run)
     assert "step 4/4" in straight.stdout and "unigram baseline" in straight.stdout
-    stopped = train(tmp_path, "b", "--stop-after", "2")
     assert "stopped after step 2" in stopped.stdout and not (tmp_path / "b").exists()
     resumed = train(tmp_path, "b")
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
