@@ -159,8 +159,22 @@ def probe(name: str, x: torch.Tensor) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # modules
 
+class Conv(nn.Conv2d):
+    """nn.Conv2d whose float16 forward (model.py's float16 measurements: `--rotation auto`, `diff_torch.py
+    --precision float16`) multiplies in float32 and rounds the result once to float16, as the emulator models
+    Core ML's float16 conv. Measured on the trained reference (bench/bench_conv_precision.py): closer to the
+    emulator than torch's float16 product, and 12x faster (torch has no fast float16 GEMM on CPU). In float32,
+    what is traced and converted, it is nn.Conv2d exactly (the same graph)."""
+
+    def forward(self, x):
+        if x.dtype != torch.float16:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.float()
+        return self._conv_forward(x.float(), self.weight.float(), bias).half()
+
+
 def conv1x1(c_in: int, c_out: int, bias: bool) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel_size=1, bias=bias)   # ANE: a linear as a 1x1 conv on (B, C, 1, S)
+    return Conv(c_in, c_out, kernel_size=1, bias=bias)        # ANE: a linear as a 1x1 conv on (B, C, 1, S)
 
 
 NORM_KINDS = ("fused", "safe", "l2eps")
