@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from modernbert_ane.model import ModernBert
-from modernbert_ane.rotations.fuse import ROTATION_CONVS
+from modernbert_ane.rotations.fuse import kept_float16
 
 QMAX = 127                       # coremltools' linear_symmetric int8 range: [-127, 127]
 
@@ -42,9 +42,9 @@ CALIBRATION_TEXTS = [
 
 
 def quantized_convs(model: ModernBert) -> dict[str, nn.Conv2d]:
-    """The convs whose inputs W8A8 quantizes: every conv with int8 weights, so not the rotation's two (kept float16:
-    fuse.ROTATION_CONVS), whose inputs stay float16 too."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name not in ROTATION_CONVS}
+    """The convs whose inputs W8A8 quantizes: every conv with int8 weights, so not the rotation's two nor the online
+    MLP rotations (kept float16: fuse.kept_float16), whose inputs stay float16 too."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and not kept_float16(name)}
 
 
 @torch.no_grad()

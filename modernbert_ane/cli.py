@@ -78,9 +78,10 @@ def add_backend(p, check: bool = False) -> None:
                    help="Core ML: compile the package again instead of reusing the compiled copy in the cache")
 
 
-def add_strategy(p, rotations, default: str, norms=None, norm_default: str = "") -> None:
+def add_strategy(p, rotations, default: str, norms=None, norm_default: str = "", mlp_rotations=()) -> None:
     """The float16 strategy: rotation, seed and (given `norms`) the norm form, `norm_default` saying what an absent
-    --norm means (convert: auto by default; diff_torch: one to look at)."""
+    --norm means (convert: auto by default; diff_torch: one to look at); given `mlp_rotations`
+    (rotations/online.MLP_ROTATION_KINDS, passed in so that this module imports no torch), --mlp-rotation."""
     auto = ("; auto: measure the candidate float16 strategies (none, identity or hadamard with a safe norm, none with "
             "l2eps) in float16 on the evaluation texts against float32 transformers and convert the best")
     p.add_argument("--rotation", choices=rotations, default=default,
@@ -91,6 +92,12 @@ def add_strategy(p, rotations, default: str, norms=None, norm_default: str = "")
                        help="form of every norm: fused (one layer_norm op; overflows with massive activations), "
                             "safe (scaled by max|x| before squaring), l2eps (L2 norm with an epsilon channel); "
                             f"default: {norm_default}")
+    if mlp_rotations:
+        p.add_argument("--mlp-rotation", choices=mlp_rotations, default="none",
+                       help="QuaRot's online rotation of every MLP's intermediate before its down projection (Wo), "
+                            "for W8A8 when an MLP unit carries massive activations (README: W8A8): hadamard (a dense "
+                            "I x I conv per layer) or block-hadamard (a grouped conv of Hadamard blocks of order "
+                            "<= 128: fewer FLOPs, less spread); kept float16 under every --compress (default none)")
     p.add_argument("--seed", type=int, default=0, help="rotation seed (default 0)")
 
 

@@ -36,9 +36,10 @@ from modernbert_ane.tasks import COSINE_TASKS, OUTPUT_NAMES, POOLED_TASKS, SPECS
 from modernbert_ane.output_files import Ours, check_output as check_output_file, publish, staging_folder
 from modernbert_ane.coreml.cost import metadata_entry, package_costs
 from modernbert_ane.coreml.quiet_coremltools import import_coremltools
-from modernbert_ane.rotations import ROTATION_KINDS, rotate_model
-from modernbert_ane.rotations.fuse import LEARNED, ROTATION_CONVS, SEEDED_KINDS
+from modernbert_ane.rotations import ROTATION_KINDS, NoHadamardConstructionError, rotate_model
+from modernbert_ane.rotations.fuse import LEARNED, SEEDED_KINDS, float16_convs, kept_float16
 from modernbert_ane.rotations.learned import DEFAULT_STEPS
+from modernbert_ane.rotations.online import MLP_ROTATION_KINDS, check_mlp_rotation, rotate_mlps
 from modernbert_ane import cli
 from modernbert_ane.user_errors import UserError, run_cli, writing
 
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "smallest length that fits)")
     cli.add_task(p, several=True)
     cli.add_strategy(p, ("auto",) + ROTATION_KINDS + (LEARNED,), default="auto", norms=NORM_KINDS,
-                     norm_default="measured with --rotation auto, safe otherwise")
+                     norm_default="measured with --rotation auto, safe otherwise", mlp_rotations=MLP_ROTATION_KINDS)
     p.add_argument("--rotation-steps", type=int, default=DEFAULT_STEPS, metavar="N",
                    help=f"--rotation learned: optimizer steps on the calibration texts (default {DEFAULT_STEPS})")
     p.add_argument("--deployment-target", choices=sorted(TARGETS), default="macOS15",
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "none (float16 weights)")
     cli.add_tokenizer(p)
     p.add_argument("-o", "--output", help="output .mlpackage (default: named from model, task, rotation (auto: "
-                                          "'auto', whatever was chosen), norm when given, lengths)")
+                                          "'auto', whatever was chosen), norm when given, MLP rotation when "
+                                          "given, lengths)")
     cli.add_force(p)
     cli.add_backend(p, check=True)
     p.add_argument("--skip-check", action="store_true", help="do not run the package after converting")
@@ -96,13 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_output_name(source: str, tasks: list[str], rotation: str, seed: int, lengths: list[int],
-                        compress: str = "none", norm: str | None = None, shapes: str = "enumerated") -> str:
+                        compress: str = "none", norm: str | None = None, shapes: str = "enumerated",
+                        mlp_rotation: str = "none") -> str:
     """Named from the options, never from a measurement (known before any work, the same on every run):
-    --rotation auto names "auto"; --norm appears only when given; --shapes functions (several lengths) as
-    "functions" before the lengths."""
+    --rotation auto names "auto"; --norm appears only when given; --mlp-rotation only when not none, as
+    "mlp-<kind>" after the norm; --shapes functions (several lengths) as "functions" before the lengths."""
     slug = re.sub(r"[^\w.-]+", "-", Path(source.rstrip("/")).name) or "model"
     seed_part = f"-seed{seed}" if rotation in SEEDED_KINDS + ("auto",) and seed else ""
     norm_part = f"-{norm}" if norm else ""
+    norm_part += "" if mlp_rotation == "none" else f"-mlp-{mlp_rotation}"
     compress_part = "" if compress == "none" else f"-{compress}"
     shapes_part = "-functions" if shapes == "functions" and len(lengths) > 1 else ""
     return (f"{slug}-{'+'.join(tasks)}-{rotation}{seed_part}{norm_part}{compress_part}{shapes_part}-"
@@ -306,8 +310,9 @@ def compress_weights(mlmodel, model: ModernBert, mode: str, embedding_gain: floa
         tables = [op.inputs["x"] for op in ops if op.op_type == "gather"
                   and tuple(op.inputs["x"].shape) == (model.config.vocab_size, model.config.hidden_size, 1, 1)]
         keep.update({child.name: None for table in tables for child in table.child_ops})   # gather and tied conv
+    kept = float16_convs(model)                           # the rotation's two convs, the online MLP rotations
     keep.update({op.name: None for op in ops if op.op_type == "conv"
-                 and any(conv.replace(".", "_") in op.inputs["weight"].name for conv in ROTATION_CONVS)})
+                 and any(conv.replace(".", "_") in op.inputs["weight"].name for conv in kept)})
     config = compression_config(mode)                     # one object: the tied table's gather and conv must agree
     config = cto.OptimizationConfig(op_type_configs={"conv": config, "gather": config}, op_name_configs=keep)
     if mode == "int8":
@@ -321,9 +326,9 @@ def simulate_compression(model: ModernBert, mode: str, embedding_gain: float) ->
     embeddings and a tied decoder unless the embedding norm's weight is large), int8 per output channel, symmetric; palettes from
     kmeans_palette per group of PALETTE_GROUP output channels (rows). A simulation of coremltools' rounding
     (its int8 range and scales may differ in the last bit): good enough to rank strategies."""
-    kept = ROTATION_CONVS + (("decoder",) if embedding_gain > EMBEDDING_GAIN_LIMIT
-                             and model.tied_decoder else ())   # it reads the embeddings' constant
-    weights = [m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and name not in kept]
+    decoder = embedding_gain > EMBEDDING_GAIN_LIMIT and model.tied_decoder       # it reads the embeddings' constant
+    weights = [m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
+               and not kept_float16(name) and not (decoder and name == "decoder")]
     if embedding_gain <= EMBEDDING_GAIN_LIMIT:
         weights.append(model.embeddings.tok_embeddings.weight)
     for weight in weights:
@@ -399,6 +404,7 @@ def package_metadata(models: dict, layout: dict, ckpt, tokenizer, tokenizer_sour
     cfg = first.config
     meta = {"source": ckpt.source, "revision": ckpt.revision, "tokenizer": tokenizer_source,
             "rotation": args.rotation, "rotation_seed": args.seed if args.rotation in SEEDED_KINDS else None,
+            "mlp_rotation": first.mlp_rotation,                 # None (not stored) without --mlp-rotation
             "norm": args.norm, "strategy": strategy,
             "seq_lengths": lengths, "shapes": args.shapes, "version": __version__, "hidden_size": cfg.hidden_size,
             "vocab_size": cfg.vocab_size, "deployment_target": args.deployment_target, "compute_units": "CPU_AND_NE",
@@ -424,7 +430,8 @@ def describe_package(package: Package, models: dict, layout: dict, metadata: dic
     spec.description.metadata.author = "modernbert-ane convert.py"
     spec.description.metadata.shortDescription = (
         f"ModernBERT {tasks} ({ckpt.source}), float16, rotation {args.rotation}, norm {args.norm}, "
-        f"sequence lengths {', '.join(map(str, lengths))}" + (" (a function each)" if args.shapes == "functions"
+        + (f"MLP rotation {args.mlp_rotation}, " if args.mlp_rotation != "none" else "")
+        + f"sequence lengths {', '.join(map(str, lengths))}" + (" (a function each)" if args.shapes == "functions"
                                                                and len(lengths) > 1 else ""))
     spec.description.metadata.versionString = __version__
     package.write_metadata(metadata)
@@ -542,10 +549,12 @@ def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: fl
     if args.compress == "w8a8":
         from modernbert_ane.activation_quant import CALIBRATION_TEXTS
         calibration = tokenize(tokenizer, CALIBRATION_TEXTS, lengths[-1])
-    if args.rotation != "none" or args.measured:       # --rotation auto counted this step before choosing
+    if rotation_step(args):                            # --rotation auto counted this step before choosing
         steps.start(f"{label}rotating ({args.rotation}" + (f", seed {args.seed}" if args.rotation in SEEDED_KINDS
                                                            else "")
-                    + (f", {args.rotation_steps} steps on the W8A8 error)" if args.rotation == LEARNED else ")"))
+                    + (f", {args.rotation_steps} steps on the W8A8 error" if args.rotation == LEARNED else "")
+                    + (f"; MLP rotation {args.mlp_rotation}" if args.mlp_rotation != "none" else "") + ")")
+        rotate_mlps(model, args.mlp_rotation, args.seed)       # first: the learned rotation is learned with it
         matrix = None
         if args.rotation == LEARNED:
             from modernbert_ane.rotations.learned import learn_rotation
@@ -580,6 +589,12 @@ def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: fl
         del mlmodel
 
 
+def rotation_step(args) -> bool:
+    """Whether a task's conversion has a rotating step: a residual or MLP rotation, or --rotation auto (counted
+    before it chose, possibly none; `args.measured`)."""
+    return args.rotation != "none" or args.measured or args.mlp_rotation != "none"
+
+
 def main(argv) -> int:
     convert_checkpoint(build_parser().parse_args(argv))
     return 0
@@ -594,10 +609,15 @@ def convert_checkpoint(args) -> Path:
     n_tasks = len(args.task or [None])
     auto = args.rotation == "auto"
     n_groups = len(length_groups(lengths, args.shapes))
-    steps = cli.Progress(1 + auto + n_tasks * ((args.rotation != "none") + 2 * n_groups) + 1 + (not args.skip_check))   # auto: rotating counted
+    args.measured = auto
+    steps = cli.Progress(1 + auto + n_tasks * (rotation_step(args) + 2 * n_groups) + 1 + (not args.skip_check))   # auto: rotating counted
     steps.start(f"loading {args.model}", announce="done")             # the input is checked here
     ckpt = resolve_checkpoint(args.model, args.revision, args.allow_pickle)
     check_rotation("hadamard" if args.rotation == LEARNED else args.rotation, ckpt.config)   # before the weights
+    try:
+        check_mlp_rotation(args.mlp_rotation, ckpt.config.get("intermediate_size", 1152))
+    except NoHadamardConstructionError as e:
+        raise UserError(str(e)) from e
     model = ModernBert.from_checkpoint(ckpt, args.task[0] if args.task else None, args.max_texts)
     tasks = args.task or [model.task]
     tokenizer = load_tokenizer(args.tokenizer or ckpt.root, tasks)
@@ -606,7 +626,7 @@ def convert_checkpoint(args) -> Path:
     if max(lengths) > model.config.max_position_embeddings:
         raise UserError(f"--seq-len {max(lengths)} exceeds the model's {model.config.max_position_embeddings} positions")
     output = Path(args.output or default_output_name(ckpt.source, tasks, args.rotation, args.seed, lengths,
-                                                     args.compress, args.norm, args.shapes))
+                                                     args.compress, args.norm, args.shapes, args.mlp_rotation))
     check_output(output, ckpt.input_paths() + [args.tokenizer], args.force)
     transformers_model = reference_model(ckpt, model.task) if auto else None   # an input error: before any progress
     steps.done()

@@ -28,9 +28,10 @@ from modernbert_ane.checkpoint import check_rotation, load_tokenizer, resolve_ch
 from modernbert_ane.model import NORM_KINDS, ActivationProbe, ModernBert
 from modernbert_ane.tasks import POOLED_TASKS
 from modernbert_ane.report import write_report
-from modernbert_ane.rotations import ROTATION_KINDS, rotate_model
+from modernbert_ane.rotations import ROTATION_KINDS, NoHadamardConstructionError, rotate_model
+from modernbert_ane.rotations.online import MLP_ROTATION_KINDS, check_mlp_rotation, rotate_mlps
 from modernbert_ane import cli
-from modernbert_ane.user_errors import run_cli
+from modernbert_ane.user_errors import UserError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run this model in float16 (every op, as on the Neural Engine) to see what float16 does")
     cli.add_strategy(p, ROTATION_KINDS, default="hadamard", norms=NORM_KINDS,
                      norm_default="the checkpoint's own forms (transformers' fused LayerNorm, the safe RMSNorm a "
-                                  "rotation makes)")
+                                  "rotation makes)", mlp_rotations=MLP_ROTATION_KINDS)
     p.add_argument("--max-length", type=int, default=512, help="tokens per evaluation text at most")
     cli.add_query_chunk(p)
     cli.add_report_outputs(p, "activations per layer before/after the rotation, KL per token, metrics")
@@ -185,6 +186,10 @@ def main(argv) -> int:
     # everything that reads the user's input first, so that bad input gets one line on stderr and nothing else
     ckpt = resolve_checkpoint(args.model, args.revision, args.allow_pickle)
     check_rotation(args.rotation, ckpt.config)                        # before the weights are loaded
+    try:
+        check_mlp_rotation(args.mlp_rotation, ckpt.config.get("intermediate_size", 1152))
+    except NoHadamardConstructionError as e:
+        raise UserError(str(e)) from e
     cli.check_report_outputs(args, ckpt.input_paths(), "diff_torch")             # every folder read, now that they are known
     model = ModernBert.from_checkpoint(ckpt, args.task)
     width = model.config.num_labels if model.task in ("classify", "token-classify") else 0
@@ -193,9 +198,12 @@ def main(argv) -> int:
     tokenizer = load_tokenizer(ckpt.root)
     transformers_model = reference_model(ckpt, model.task)
     print(f"loaded {ckpt.source} ({model.task}, {model.config.num_hidden_layers} layers)", file=sys.stderr)
-    unrotated = copy.deepcopy(model) if args.report and args.rotation != "none" else None   # "before rotation"
-    if args.rotation != "none":
-        print(f"rotating ({args.rotation}, seed {args.seed}) ...", file=sys.stderr)
+    rotated = args.rotation != "none" or args.mlp_rotation != "none"
+    unrotated = copy.deepcopy(model) if args.report and rotated else None   # "before rotation"
+    if rotated:
+        print(f"rotating ({args.rotation}, seed {args.seed}"
+              + (f"; MLP rotation {args.mlp_rotation}" if args.mlp_rotation != "none" else "") + ") ...", file=sys.stderr)
+        rotate_mlps(model, args.mlp_rotation, args.seed)           # before the residual rotation (rotations/online.py)
         rotate_model(model, args.rotation, args.seed)
     for m in (model, unrotated):
         if m is not None and args.norm:
@@ -225,7 +233,8 @@ def main(argv) -> int:
     gates = gate_results(metrics, args.max_kl, args.max_score_error)
     layers = layer_rows(model, ref_peaks, probe)
     print(f"\n{ckpt.source}: task {model.task}, {args.precision}, rotation {args.rotation}"
-          + (f", norm {args.norm}" if args.norm else "") + "\n")
+          + (f", norm {args.norm}" if args.norm else "")
+          + (f", MLP rotation {args.mlp_rotation}" if args.mlp_rotation != "none" else "") + "\n")
     print(format_table(modules, ["module", "max_abs_diff", "rel_diff", "cosine_min", "max_abs_ref", "max_abs"]))
     print("\nlargest absolute activation per layer (residual stream; this model's is rotated unless --rotation none)")
     print(format_table(layers, ["layer", "kind", "max_abs_ref", "max_abs"]))
@@ -237,6 +246,7 @@ def main(argv) -> int:
     if args.json:
         cli.write_json(args.json, {**metrics, "model": ckpt.source, "task": model.task, "precision": args.precision,
                                "rotation": args.rotation, "seed": args.seed, "norm": args.norm,
+                               "mlp_rotation": args.mlp_rotation,
                                "tokens": sum(lengths),
                                "modules": modules, "layers": layers, "texts": accounting.text_rows(), "gates": gates},
                    force=args.force, script="diff_torch")

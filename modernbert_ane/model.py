@@ -392,10 +392,14 @@ class MLP(nn.Module):
         self.Wi = conv1x1(config.hidden_size, 2 * self.inner, config.mlp_bias)
         self.act = ACTIVATIONS[config.hidden_activation]
         self.Wo = conv1x1(self.inner, config.hidden_size, config.mlp_bias)
+        self.rotation = None          # set by rotations/online.py: H before Wo (Wo holds Wo H^T), a 1x1 conv
 
     def forward(self, x):
         inp, gate = self.Wi(x).split(self.inner, dim=1)                        # 2 x (B, I, 1, S)
-        return self.Wo(self.act(inp) * gate)                                   # (B, C, 1, S)
+        h = self.act(inp) * gate                                               # (B, I, 1, S)
+        if self.rotation is not None:
+            h = self.rotation(h)      # ANE: the online rotation as a (grouped) 1x1 conv, channels-first, no reshape
+        return self.Wo(h)                                                      # (B, C, 1, S)
 
 
 class Block(nn.Module):
@@ -500,6 +504,7 @@ class ModernBert(nn.Module):
         self.final_norm = LayerNorm(C, config.norm_eps, config.norm_bias, "final_norm")
         self.final_proj = None        # set by rotations/: the final norm's weight and the rotation back, as a conv
         self.rotation = None          # set by rotations/: description of the folded rotation (kind, seed, matrix)
+        self.mlp_rotation = None      # set by rotations/online.py: the MLPs' online rotation (kind, block, seed)
         if task in ("fill-mask", "classify", "token-classify"):
             self.head = PredictionHead(config)
         if task == "fill-mask":

@@ -271,6 +271,8 @@ METADATA_TYPES = {
     "prompts": (_is_prompts, "prompt names mapped to texts"),
     "shapes": (lambda v: v in ("enumerated", "functions"), "enumerated or functions"),
     "head": (_is_name, "a function name"),
+    "mlp_rotation": (lambda v: isinstance(v, dict) and _is_name(v.get("kind")) and _is_int(v.get("block"), 1)
+                     and _is_int(v.get("seed"), 0), "an MLP rotation (kind, block, seed)"),
 }
 
 

@@ -21,13 +21,15 @@ value drops to about k a / sqrt(n) (768 wide, k = 2: 3e4 -> about 2e3), and RMSN
 anything larger than 1 (see model.RMSNorm). Nothing is added at inference beyond two C x C convs
 (`embeddings.proj`, `final_proj`): everything else is fused.
 
-Rotations not applied, on purpose: a per-head Hadamard on values/outputs and one on the MLP
-intermediate (QuaRot) target int4 activation quantization; in float16 the values, attention outputs
-and GeGLU products carry no massive activations (the norms in front of them remove the scale), so
-they would only add ops (the MLP one must run online, after the nonlinearity).
+Rotations not applied here: a per-head Hadamard on values/outputs (QuaRot) targets int4 activation
+quantization; in float16 the values and attention outputs carry no massive activations (the norms in
+front of them remove the scale). The online one on the MLP intermediate, for W8A8 with MLP-born outliers,
+is rotations/online.py (`--mlp-rotation`), applied before this one.
 
 All arithmetic is float64; results are cast back to the model's dtype at the end of each function.
 """
+import re
+
 import numpy as np
 import torch
 from torch import nn
@@ -42,6 +44,20 @@ LEARNED = "learned"              # Q given by rotations/learned.py (started from
 # embedding norm's weight, thousands on massive channels, which one int8 scale or palette per row would crush
 # (convert.compress_weights); W8A8 leaves their inputs float16 too (activation_quant).
 ROTATION_CONVS = ("embeddings.proj", "final_proj")
+# The online MLP rotations (rotations/online.py), one per layer: their input is the outlier-laden GeGLU product
+# they exist to spread, so it stays float16, and so do their +-1/sqrt(b) weights.
+MLP_ROTATION_CONV = re.compile(r"layers\.\d+\.mlp\.rotation")
+
+
+def kept_float16(name: str) -> bool:
+    """Whether the conv of module `name` keeps float16 weights and inputs under every --compress (the one rule
+    convert.compress_weights, convert.simulate_compression and activation_quant.quantized_convs apply)."""
+    return name in ROTATION_CONVS or MLP_ROTATION_CONV.fullmatch(name) is not None
+
+
+def float16_convs(model) -> list[str]:
+    """The module names of `model`'s convs that kept_float16 keeps, in module order."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and kept_float16(name)]
 
 
 def conv_weight(conv: nn.Conv2d) -> np.ndarray:
