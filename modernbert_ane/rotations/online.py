@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modernbert_ane.model import Conv
 from modernbert_ane.rotations.hadamard import NoHadamardConstructionError, has_hadamard, random_hadamard
 
 MLP_ROTATION_KINDS = ("none", "hadamard", "block-hadamard")
@@ -64,7 +65,7 @@ def block_diagonal(block: np.ndarray, inner: int) -> np.ndarray:
 def rotation_conv(block: np.ndarray, inner: int, dtype: torch.dtype) -> nn.Conv2d:
     """H a as a 1x1 conv on (B, I, 1, S): dense for one block of order I, else grouped (one group per block)."""
     b = block.shape[0]
-    conv = nn.Conv2d(inner, inner, kernel_size=1, groups=inner // b, bias=False)   # ANE: grouped 1x1 conv, no reshape
+    conv = Conv(inner, inner, kernel_size=1, groups=inner // b, bias=False)        # ANE: grouped 1x1 conv, no reshape
     weight = np.tile(block, (inner // b, 1))                   # (I, b): group k's output rows hold the block
     conv.weight = nn.Parameter(torch.from_numpy(weight[:, :, None, None]).to(dtype), requires_grad=False)
     return conv
