@@ -105,12 +105,9 @@ def test_byte_level_bpe_tokenization():
 
 @pytest.mark.parametrize("outliers", [None, "embedding", "mlp"])
 def test_fill_mask_package_agrees_with_transformers(packages, outliers, tmp_path, capsys):
-    """--rotation auto on the trained weights, where every candidate runs the 50k-token decoder in float16 (the
-    slowest step): the planted checkpoints with all four candidates, at 128 tokens (as the README's float16
-    tables measure them); the plain one at two enumerated lengths with --norm safe, auto choosing the rotation
-    (all four candidates on it: test_readme_quick_start_works_offline)."""
-    _, package = packages(*(("fill-mask", None, (128, 256), "--norm", "safe") if outliers is None
-                            else ("fill-mask", outliers, (128,))))
+    """The defaults (--rotation auto: all four candidates) on the trained weights: the planted checkpoints at 128
+    tokens (as the README's float16 tables measure them), the plain one at two enumerated lengths."""
+    _, package = packages(*(("fill-mask", None) if outliers is None else ("fill-mask", outliers, (128,))))
     m = metrics(package, tmp_path, capsys)
     assert m["nonfinite"] == 0 and m["overflow_count"] == 0
     assert m["top1_agreement"] >= 0.99
@@ -129,7 +126,7 @@ def test_fine_tuned_heads_agree_with_transformers(packages, task, tmp_path, caps
 
 
 def test_predict_fills_code_with_words_not_byte_pieces(packages, capsys):
-    _, package = packages("fill-mask", None, (128, 256), "--norm", "safe")          # the one converted above
+    _, package = packages("fill-mask")                                             # the one converted above
     code, out, err = run(predict.main, [package, "for i in [MASK](len(items)):", "--top-k", "5", "--json"], capsys)
     assert code == 0, err
     doc = json.loads(out)
