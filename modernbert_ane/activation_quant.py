@@ -23,6 +23,12 @@ from modernbert_ane.model import ModernBert
 from modernbert_ane.rotations.fuse import kept_float16
 
 QMAX = 127                       # coremltools' linear_symmetric int8 range: [-127, 127]
+# A conv input stays float16 under W8A8 (its weights stay int8) when one scale per tensor would round most of it to
+# zero: its median |x| under 1/32 of an int8 step, i.e. peak / median > 127 * 32. Measured on the calibration texts
+# (float32): the trained reference's conv inputs reach peak / median 627 at most (GeGLU products, plain or planted);
+# the planted massive inputs 4.2e4 (embedding plant: layer 0's Wqkv, unrotated) and 6.9e5 (MLP plant: layer 1's
+# mlp.Wo, which no residual rotation reaches). The rule's 4064 lies in that gap.
+CRUSHED_RATIO = QMAX * 32
 
 # Calibration texts: not the evaluation texts (evaluation.EVAL_TEXTS), so a fidelity report does not measure the
 # texts the scales were fitted on. Prose and Python, like the models this project runs.
@@ -48,14 +54,15 @@ def quantized_convs(model: ModernBert) -> dict[str, nn.Conv2d]:
 
 
 @torch.no_grad()
-def calibrate(model: ModernBert, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, float]:
-    """max |x| over the non-padding tokens of each quantized conv's input, model.py in float32."""
-    peaks, valid = {}, attention_mask[:, None, None, :] > 0                          # (B, 1, 1, S)
+def input_stats(model: ModernBert, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, tuple]:
+    """(max |x|, median |x|) over the non-padding tokens of each quantized conv's input, model.py in float32."""
+    stats, valid = {}, attention_mask[:, None, None, :] > 0                          # (B, 1, 1, S)
 
     def hook(name):
         def record(module, inputs):
-            x = inputs[0].float().abs().masked_fill(~valid, 0.0)                       # (B, C, 1, S)
-            peaks[name] = max(peaks.get(name, 0.0), float(x.max()))
+            x = inputs[0].float().abs()                                                # (B, C, 1, S)
+            values = x.masked_select(valid.expand_as(x))
+            stats[name] = (float(values.max()), float(values.median()))
         return record
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in quantized_convs(model).items()]
@@ -64,7 +71,18 @@ def calibrate(model: ModernBert, input_ids: torch.Tensor, attention_mask: torch.
     finally:
         for h in handles:
             h.remove()
-    return peaks
+    return stats
+
+
+def calibrate(model: ModernBert, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, float]:
+    """max |x| over the non-padding tokens of each quantized conv's input, model.py in float32."""
+    return {name: peak for name, (peak, _) in input_stats(model, input_ids, attention_mask).items()}
+
+
+def crushed_inputs(stats: dict[str, tuple]) -> list[str]:
+    """The quantized convs whose input one int8 scale per tensor would mostly round to zero (CRUSHED_RATIO): W8A8
+    leaves those inputs float16, in calibration order."""
+    return [name for name, (peak, median) in stats.items() if peak > CRUSHED_RATIO * median]
 
 
 def activation_scale(peak: float) -> float:
@@ -91,10 +109,10 @@ def simulated_activations(model: ModernBert, scales: dict[str, float]):
             h.remove()
 
 
-def conv_op_names(mlmodel, model: ModernBert) -> dict[str, str]:
-    """MIL conv op name -> model.py conv name, for the quantized convs (matched by the traced weight's name:
+def conv_op_names(mlmodel, names) -> dict[str, str]:
+    """MIL conv op name -> model.py conv name, for the convs `names` (matched by the traced weight's name:
     `model_layers_0_attn_Wqkv_weight...`)."""
-    slugs = {f"model_{name.replace('.', '_')}_weight": name for name in quantized_convs(model)}
+    slugs = {f"model_{name.replace('.', '_')}_weight": name for name in names}
     found = {}
     for op in mlmodel._mil_program.functions["main"].operations:
         if op.op_type == "conv":
@@ -108,16 +126,16 @@ def conv_op_names(mlmodel, model: ModernBert) -> dict[str, str]:
     return found
 
 
-def quantize_activations(mlmodel, model: ModernBert, peaks: dict[str, float]):
+def quantize_activations(mlmodel, peaks: dict[str, float]):
     """The ML Program with a quantize -> dequantize pair (int8, per tensor, the scale from `peaks`) before
-    the input of every quantized conv; coremltools' pass does the insertion."""
+    the input of every conv named in `peaks`; coremltools' pass does the insertion."""
     import coremltools.optimize.coreml as cto
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
     from coremltools.converters.mil.mil.passes.graph_pass import PassOption
     from coremltools.converters.mil._deployment_compatibility import AvailableTarget
     from coremltools.converters.mil.frontend.milproto import load as milproto_load
     from coremltools.models.utils import _apply_graph_pass
-    ops = conv_op_names(mlmodel, model)
+    ops = conv_op_names(mlmodel, peaks)
     inputs = {op.name: op.inputs["x"].name for op in mlmodel._mil_program.functions["main"].operations
               if op.name in ops}
     stats = {inputs[op]: {"rmin": -peaks[name], "rmax": peaks[name]} for op, name in ops.items()}

@@ -375,7 +375,8 @@ def choose_strategy(model: ModernBert, reference_model, ckpt, tokenizer, args, l
 
 
 def task_metadata(model: ModernBert, ckpt) -> dict:
-    """What a package (or one function of it) declares about its task: output, labels, pooling."""
+    """What a package (or one function of it) declares about its task: output, labels, pooling, the conv inputs
+    W8A8 left float16."""
     cfg, task = model.config, model.task
     labels = None
     if task in ("classify", "token-classify"):
@@ -391,7 +392,8 @@ def task_metadata(model: ModernBert, ckpt) -> dict:
     return {"task": task, "output": OUTPUT_NAMES[task], "labels": labels,
             "problem_type": problem if task == "classify" else None,
             "pooling": model.pooling if task in POOLED_TASKS else None, "embedding_dim": embedding_dim,
-            "normalized": model.sentence_head.normalize if task == "embed" else None}
+            "normalized": model.sentence_head.normalize if task == "embed" else None,
+            "w8a8_float16_inputs": model.float16_inputs}        # None (not stored) unless W8A8 left some float16
 
 
 def package_metadata(models: dict, layout: dict, ckpt, tokenizer, tokenizer_source: str, args, lengths,
@@ -569,6 +571,8 @@ def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: fl
     # one kind for every length, so that each function of a --shapes functions package is the same graph as
     # the enumerated package's at that length
     model.set_local_attention(local_attention_kind(args.local_attention, model.config, lengths))
+    if args.compress == "w8a8":
+        peaks = w8a8_peaks(model, calibration)
     for group in length_groups(lengths, args.shapes):
         steps.start(f"{label}tracing at {group[-1]} tokens")
         traced = trace(model, group[-1])
@@ -579,14 +583,28 @@ def convert_task(model: ModernBert, args, lengths: list[int], embedding_gain: fl
         mlmodel = to_mlprogram(traced, model.task, group, args.deployment_target)
         del traced
         if args.compress == "w8a8":
-            from modernbert_ane.activation_quant import calibrate, quantize_activations
-            mlmodel = quantize_activations(mlmodel, model, calibrate(model, *calibration))
+            from modernbert_ane.activation_quant import quantize_activations
+            mlmodel = quantize_activations(mlmodel, peaks)
         if args.compress != "none":
             mlmodel = compress_weights(mlmodel, model, "int8" if args.compress == "w8a8" else args.compress,
                                        embedding_gain)
         steps.done()
         yield mlmodel
         del mlmodel
+
+
+def w8a8_peaks(model: ModernBert, calibration) -> dict[str, float]:
+    """The calibrated peak of every conv input W8A8 quantizes; the inputs one scale per tensor would mostly round to
+    zero (activation_quant.crushed_inputs) left float16, said on stderr and kept in model.float16_inputs (the
+    metadata's w8a8_float16_inputs)."""
+    from modernbert_ane.activation_quant import CRUSHED_RATIO, crushed_inputs, input_stats
+    stats = input_stats(model, *calibration)
+    model.float16_inputs = crushed_inputs(stats) or None
+    for name in model.float16_inputs or []:
+        peak, median = stats[name]
+        print(f"      W8A8: {name}'s input kept float16: peak {peak:.4g} against a median of {median:.3g} "
+              f"(over {CRUSHED_RATIO}x: one int8 scale would round most of it to zero)", file=sys.stderr)
+    return {name: peak for name, (peak, _) in stats.items() if name not in (model.float16_inputs or [])}
 
 
 def rotation_step(args) -> bool:

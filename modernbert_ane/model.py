@@ -505,6 +505,7 @@ class ModernBert(nn.Module):
         self.final_proj = None        # set by rotations/: the final norm's weight and the rotation back, as a conv
         self.rotation = None          # set by rotations/: description of the folded rotation (kind, seed, matrix)
         self.mlp_rotation = None      # set by rotations/online.py: the MLPs' online rotation (kind, block, seed)
+        self.float16_inputs = None    # set by convert.py under --compress w8a8: the conv inputs left float16
         if task in ("fill-mask", "classify", "token-classify"):
             self.head = PredictionHead(config)
         if task == "fill-mask":

@@ -129,8 +129,12 @@ def test_w8a8_package_keeps_the_online_rotation_float16(checkpoint_factory, tmp_
     assert list(online) == ["model_layers_0_mlp_rotation_weight_to_fp16"]
     assert online[next(iter(online))] == ("const", "mul")                    # float16 weights, the raw product
     quantized = {w: v for w, v in convs.items() if w.endswith("_quantized")}
-    assert len(quantized) == len(convs) - 3 and all(v[1] == "dequantize" for v in quantized.values())
+    unquantized_input = [w for w, v in quantized.items() if v[1] != "dequantize"]
+    assert len(quantized) == len(convs) - 3
+    # the planted unit's product, even rotated (peak / median ~1e4), stays float16: activation_quant.crushed_inputs
+    assert len(unquantized_input) == 1 and unquantized_input[0].startswith("model_layers_1_mlp_Wo_weight")
     meta = Package(package).metadata()
+    assert meta["w8a8_float16_inputs"] == [PLANTED] and f"W8A8: {PLANTED}'s input kept float16" in err
     assert meta["mlp_rotation"] == {"kind": "hadamard", "block": 96, "seed": 0} and meta["rotation"] == "hadamard"
     assert "MLP rotation hadamard" in Package(package).spec.description.metadata.shortDescription
     assert "MLP rotation hadamard" in err

@@ -273,6 +273,8 @@ METADATA_TYPES = {
     "head": (_is_name, "a function name"),
     "mlp_rotation": (lambda v: isinstance(v, dict) and _is_name(v.get("kind")) and _is_int(v.get("block"), 1)
                      and _is_int(v.get("seed"), 0), "an MLP rotation (kind, block, seed)"),
+    "w8a8_float16_inputs": (lambda v: isinstance(v, list) and bool(v) and all(_is_name(x) for x in v),
+                            "a list of conv names"),
 }
 
 
