@@ -55,6 +55,16 @@ def run_child(cmd: list[str]) -> tuple[str, float, float]:
     return result.stdout + result.stderr, wall, peak
 
 
+def base_checkpoint(work: Path, layers: int) -> Path:
+    """work/base-random-<layers>: a random checkpoint with ModernBERT-base dimensions, built unless a previous run
+    left it there (--keep)."""
+    folder = work / f"base-random-{layers}"
+    if not (folder / "config.json").exists():
+        print(f"building a random base-size checkpoint in {folder} ...", file=sys.stderr)
+        build_base_checkpoint(folder, layers)
+    return folder
+
+
 def build_base_checkpoint(folder: Path, layers: int) -> None:
     import torch
     import transformers
@@ -77,10 +87,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    ckpt, package = work / "base-random", work / f"base-random-{args.seq_len}.mlpackage"
-    if not (ckpt / "config.json").exists():
-        print(f"building a random base-size checkpoint in {ckpt} ...", file=sys.stderr)
-        build_base_checkpoint(ckpt, args.layers)
+    ckpt, package = base_checkpoint(work, args.layers), work / f"base-random-{args.seq_len}.mlpackage"
     out, wall, peak = run_child([sys.executable, "convert.py", str(ckpt), "--seq-len", str(args.seq_len),
                                  "-o", str(package), "--force", "--skip-check"])
     steps = next(l for l in out.splitlines() if l.startswith("wrote "))

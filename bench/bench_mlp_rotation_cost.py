@@ -24,7 +24,7 @@ KINDS = ("none", "hadamard", "block-hadamard")
 
 
 def main() -> None:
-    from bench_convert_base import build_base_checkpoint
+    from bench_convert_base import base_checkpoint
     from modernbert_ane.coreml.package import read_metadata
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-len", type=int, default=512)
@@ -33,10 +33,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="mlp-rotation-cost-"))
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / f"base-random-{args.layers}"
-    if not (ckpt / "config.json").exists():
-        print(f"building a random base-size checkpoint in {ckpt} ...", file=sys.stderr)
-        build_base_checkpoint(ckpt, args.layers)
+    ckpt = base_checkpoint(work, args.layers)
     rows = {}
     for kind in KINDS:
         package = work / f"base-{kind}-{args.seq_len}.mlpackage"

@@ -36,7 +36,7 @@ from modernbert_ane.tasks import COSINE_TASKS, OUTPUT_NAMES, POOLED_TASKS, SPECS
 from modernbert_ane.output_files import Ours, check_output as check_output_file, publish, staging_folder
 from modernbert_ane.coreml.cost import metadata_entry, package_costs
 from modernbert_ane.coreml.quiet_coremltools import import_coremltools
-from modernbert_ane.rotations import ROTATION_KINDS, NoHadamardConstructionError, rotate_model
+from modernbert_ane.rotations import ROTATION_KINDS, rotate_model
 from modernbert_ane.rotations.fuse import LEARNED, SEEDED_KINDS, float16_convs, kept_float16
 from modernbert_ane.rotations.learned import DEFAULT_STEPS
 from modernbert_ane.rotations.online import MLP_ROTATION_KINDS, check_mlp_rotation, rotate_mlps
@@ -599,12 +599,13 @@ def w8a8_peaks(model: ModernBert, calibration) -> dict[str, float]:
     metadata's w8a8_float16_inputs)."""
     from modernbert_ane.activation_quant import CRUSHED_RATIO, crushed_inputs, input_stats
     stats = input_stats(model, *calibration)
-    model.float16_inputs = crushed_inputs(stats) or None
-    for name in model.float16_inputs or []:
+    crushed = crushed_inputs(stats)
+    for name in crushed:
         peak, median = stats[name]
         print(f"      W8A8: {name}'s input kept float16: peak {peak:.4g} against a median of {median:.3g} "
               f"(over {CRUSHED_RATIO}x: one int8 scale would round most of it to zero)", file=sys.stderr)
-    return {name: peak for name, (peak, _) in stats.items() if name not in (model.float16_inputs or [])}
+    model.float16_inputs = crushed or None                 # None: not stored in the metadata
+    return {name: peak for name, (peak, _) in stats.items() if name not in crushed}
 
 
 def rotation_step(args) -> bool:
@@ -632,10 +633,7 @@ def convert_checkpoint(args) -> Path:
     steps.start(f"loading {args.model}", announce="done")             # the input is checked here
     ckpt = resolve_checkpoint(args.model, args.revision, args.allow_pickle)
     check_rotation("hadamard" if args.rotation == LEARNED else args.rotation, ckpt.config)   # before the weights
-    try:
-        check_mlp_rotation(args.mlp_rotation, ckpt.config.get("intermediate_size", 1152))
-    except NoHadamardConstructionError as e:
-        raise UserError(str(e)) from e
+    check_mlp_rotation(args.mlp_rotation, ckpt.config)
     model = ModernBert.from_checkpoint(ckpt, args.task[0] if args.task else None, args.max_texts)
     tasks = args.task or [model.task]
     tokenizer = load_tokenizer(args.tokenizer or ckpt.root, tasks)
@@ -665,7 +663,7 @@ def convert_checkpoint(args) -> Path:
                           + (f", {args.compress} weights simulated" if args.compress != "none" else "") + "):",
                           format_strategies(rows, model.task, chosen),
                           f"chosen: rotation {args.rotation}, norm {args.norm}"]
-    args.norm, args.measured = args.norm or "safe", auto
+    args.norm = args.norm or "safe"
     models, readiness, check_lines = {}, Readiness(), []
     layout = package_layout(tasks, lengths, args.shapes)
     with staging_folder(output) as staging, writing(output):          # a full disk: one line

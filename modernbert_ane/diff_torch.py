@@ -28,10 +28,10 @@ from modernbert_ane.checkpoint import check_rotation, load_tokenizer, resolve_ch
 from modernbert_ane.model import NORM_KINDS, ActivationProbe, ModernBert
 from modernbert_ane.tasks import POOLED_TASKS
 from modernbert_ane.report import write_report
-from modernbert_ane.rotations import ROTATION_KINDS, NoHadamardConstructionError, rotate_model
+from modernbert_ane.rotations import ROTATION_KINDS, rotate_model
 from modernbert_ane.rotations.online import MLP_ROTATION_KINDS, check_mlp_rotation, rotate_mlps
 from modernbert_ane import cli
-from modernbert_ane.user_errors import UserError, run_cli
+from modernbert_ane.user_errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,10 +186,7 @@ def main(argv) -> int:
     # everything that reads the user's input first, so that bad input gets one line on stderr and nothing else
     ckpt = resolve_checkpoint(args.model, args.revision, args.allow_pickle)
     check_rotation(args.rotation, ckpt.config)                        # before the weights are loaded
-    try:
-        check_mlp_rotation(args.mlp_rotation, ckpt.config.get("intermediate_size", 1152))
-    except NoHadamardConstructionError as e:
-        raise UserError(str(e)) from e
+    check_mlp_rotation(args.mlp_rotation, ckpt.config)
     cli.check_report_outputs(args, ckpt.input_paths(), "diff_torch")             # every folder read, now that they are known
     model = ModernBert.from_checkpoint(ckpt, args.task)
     width = model.config.num_labels if model.task in ("classify", "token-classify") else 0

@@ -22,6 +22,7 @@ from torch import nn
 
 from modernbert_ane.model import Conv
 from modernbert_ane.rotations.hadamard import NoHadamardConstructionError, has_hadamard, random_hadamard
+from modernbert_ane.user_errors import UserError
 
 MLP_ROTATION_KINDS = ("none", "hadamard", "block-hadamard")
 MAX_BLOCK = 128                  # block-hadamard: the largest block order (Hadamard order dividing I) considered
@@ -46,10 +47,15 @@ def block_order(kind: str, inner: int) -> int:
     raise ValueError(f"unknown MLP rotation '{kind}' (one of {', '.join(MLP_ROTATION_KINDS)})")
 
 
-def check_mlp_rotation(kind: str, inner: int) -> None:
-    """Raise NoHadamardConstructionError before any work when `kind` cannot be built for `inner` channels."""
-    if kind != "none":
-        block_order(kind, inner)
+def check_mlp_rotation(kind: str, config: dict) -> None:
+    """Before any work: a one-line UserError when `kind` cannot be built for the checkpoint config's intermediate
+    size (as checkpoint.check_rotation does for the residual rotation)."""
+    if kind == "none":
+        return
+    try:
+        block_order(kind, config.get("intermediate_size", 1152))
+    except NoHadamardConstructionError as e:
+        raise UserError(str(e)) from e
 
 
 def mlp_rotation_block(kind: str, inner: int, seed: int = 0) -> np.ndarray:
